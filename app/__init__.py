@@ -1,0 +1,1 @@
+"""mediagate: one API key and one prepaid balance for image generation and LLM APIs."""

@@ -1,0 +1,93 @@
+"""Request -> (account, key), with a short per-process cache.
+
+The hot paths (submit, poll, proxy) never wait on the database for a key they
+saw in the last `key_cache_seconds`; a revoked key stops working within that
+time. Key use times are collected here and written in batches by the lifespan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+
+from app import keys
+from app.errors import APIError, unauthorized
+from app.models import ApiKey, utcnow
+
+
+@dataclass(frozen=True)
+class Principal:
+    account_id: int
+    key_id: int
+
+
+def key_from_request(request: Request, *, google: bool = False) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for header in ("x-api-key", "x-goog-api-key") if google else ("x-api-key",):
+        value = request.headers.get(header)
+        if value:
+            return value.strip()
+    if google:
+        return request.query_params.get("key") or None
+    return None
+
+
+class Authenticator:
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, engine: AsyncEngine, ttl: float):
+        self._engine = engine
+        self._ttl = ttl
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
+        self._used: set[int] = set()
+
+    async def authenticate(self, request: Request, *, google: bool = False) -> Principal:
+        key = key_from_request(request, google=google)
+        if not key:
+            raise unauthorized()
+        if not keys.looks_like_key(key):
+            raise unauthorized("Invalid API key. mediagate keys start with 'llm_'.")
+        now = time.monotonic()
+        digest = keys.hash_key(key)
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            principal = cached[0]
+        else:
+            async with self._engine.connect() as conn:
+                found = await conn.run_sync(keys.lookup, key)
+            principal = Principal(account_id=found[1], key_id=found[0]) if found else None
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = (principal, now + self._ttl)
+        if principal is None:
+            raise unauthorized("Invalid or revoked API key.")
+        self._used.add(principal.key_id)
+        return principal
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    def take_used(self) -> set[int]:
+        used, self._used = self._used, set()
+        return used
+
+
+def mark_used(conn: Connection, key_ids: set[int]) -> None:
+    if key_ids:
+        conn.execute(update(ApiKey).where(ApiKey.id.in_(sorted(key_ids))).values(last_used_at=utcnow()))
+
+
+async def require(request: Request, *, google: bool = False) -> Principal:
+    auth: Authenticator = request.app.state.auth
+    return await auth.authenticate(request, google=google)
+
+
+__all__ = ["APIError", "Authenticator", "Principal", "key_from_request", "mark_used", "require"]

@@ -1,0 +1,201 @@
+"""Providers and models, from a TOML file validated at startup.
+
+`MEDIAGATE_CATALOG` names the file; without it the built-in catalog
+(app/catalog_builtin.toml) offers the `local` image model and every real
+provider whose key variable is set. Prices are parsed as decimals, never floats.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Mapping
+
+from app import money
+
+SIZES = ("auto", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "2:1", "1:2", "21:9", "9:21")
+RESOLUTIONS = ("1k", "2k", "4k")
+SIZES_4K = ("16:9", "9:16", "1:2", "2:1", "21:9", "9:21")
+FORMATS = ("openai", "anthropic", "gemini", "local")
+APIS = ("image", "chat", "responses", "messages", "gemini")
+BUILTIN = Path(__file__).with_name("catalog_builtin.toml")
+
+_PROVIDER_KEYS = {"format", "base_url", "api_key", "api_key_env", "timeout"}
+_MODEL_KEYS = {
+    "name", "provider", "api", "upstream_model", "prices", "sizes", "resolutions",
+    "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens", "description",
+}
+
+
+class CatalogError(Exception):
+    """The catalog is wrong; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    format: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    provider: Provider
+    api: str
+    upstream_model: str
+    prices: Mapping[str, int] = field(default_factory=dict)  # image: resolution -> units per image
+    sizes: tuple[str, ...] = SIZES
+    resolutions: tuple[str, ...] = RESOLUTIONS
+    input_per_mtok: int = 0  # LLM: units per 1M tokens
+    output_per_mtok: int = 0
+    cached_input_per_mtok: int | None = None
+    max_output_tokens: int | None = None
+    description: str = ""
+
+    def allowed_sizes(self, resolution: str) -> tuple[str, ...]:
+        if resolution == "4k":
+            return tuple(s for s in self.sizes if s in SIZES_4K)
+        return self.sizes
+
+
+@dataclass(frozen=True)
+class Catalog:
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+
+    def get(self, name: str, api: str | tuple[str, ...]) -> Model | None:
+        model = self.models.get(name)
+        apis = (api,) if isinstance(api, str) else api
+        return model if model is not None and model.api in apis else None
+
+    def of_api(self, *apis: str) -> list[Model]:
+        return [m for m in self.models.values() if m.api in apis]
+
+
+def _price(value, where: str) -> int:
+    if isinstance(value, float):  # tomllib is told to parse floats as Decimal; belt and braces
+        raise CatalogError(f"{where}: write prices as strings or decimals")
+    try:
+        units = money.from_usd(value)
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"{where}: {exc}") from None
+    if units < 0:
+        raise CatalogError(f"{where}: a price can't be negative")
+    return units
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise CatalogError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse(text: str, environ: Mapping[str, str], *, source: str = "catalog", skip_keyless: bool = False) -> Catalog:
+    """Build a Catalog from TOML text. `skip_keyless` drops real providers with no key (built-in catalog)."""
+    try:
+        data = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{source}: {exc}") from None
+    _check_keys(data, {"providers", "models"}, source)
+
+    providers: dict[str, Provider] = {}
+    for name, table in (data.get("providers") or {}).items():
+        where = f"{source}: providers.{name}"
+        _check_keys(table, _PROVIDER_KEYS, where)
+        fmt = table.get("format")
+        if fmt not in FORMATS:
+            raise CatalogError(f"{where}: format must be one of {', '.join(FORMATS)}")
+        api_key = table.get("api_key")
+        if api_key is None and table.get("api_key_env"):
+            api_key = environ.get(table["api_key_env"]) or None
+        if fmt != "local" and not api_key and skip_keyless:
+            continue
+        base_url = str(table.get("base_url") or "").rstrip("/")
+        if fmt != "local" and not base_url:
+            raise CatalogError(f"{where}: base_url is required")
+        timeout = table.get("timeout")
+        providers[name] = Provider(name, fmt, base_url, api_key, float(timeout) if timeout is not None else None)
+
+    models: dict[str, Model] = {}
+    for index, table in enumerate(data.get("models") or []):
+        name = table.get("name")
+        where = f"{source}: models[{index}]" + (f" ({name})" if name else "")
+        _check_keys(table, _MODEL_KEYS, where)
+        if not name:
+            raise CatalogError(f"{where}: name is required")
+        if name in models:
+            raise CatalogError(f"{where}: model {name!r} is defined twice")
+        provider_name = table.get("provider")
+        provider = providers.get(provider_name)
+        if provider is None:
+            if skip_keyless:
+                continue
+            raise CatalogError(f"{where}: provider {provider_name!r} is not defined")
+        api = table.get("api", "image")
+        if api not in APIS:
+            raise CatalogError(f"{where}: api must be one of {', '.join(APIS)}")
+        common = dict(name=name, provider=provider, api=api, upstream_model=table.get("upstream_model") or name,
+                      description=str(table.get("description") or ""))
+        if api == "image":
+            models[name] = _image_model(table, where, common)
+        else:
+            models[name] = _llm_model(table, where, common)
+    return Catalog(providers=providers, models=models)
+
+
+def _image_model(table: dict, where: str, common: dict) -> Model:
+    for key in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens"):
+        if key in table:
+            raise CatalogError(f"{where}: {key!r} is for LLM models, not image models")
+    sizes = tuple(table.get("sizes") or SIZES)
+    resolutions = tuple(table.get("resolutions") or RESOLUTIONS)
+    for size in sizes:
+        if size not in SIZES:
+            raise CatalogError(f"{where}: unknown size {size!r}")
+    for res in resolutions:
+        if res not in RESOLUTIONS:
+            raise CatalogError(f"{where}: unknown resolution {res!r}")
+    raw_prices = table.get("prices")
+    if not isinstance(raw_prices, dict) or not raw_prices:
+        raise CatalogError(f"{where}: image models need prices, e.g. prices = {{ \"1k\" = \"0.012\" }}")
+    prices = {}
+    for res in resolutions:
+        if res not in raw_prices:
+            raise CatalogError(f"{where}: no price for resolution {res!r}")
+        prices[res] = _price(raw_prices[res], f"{where}: prices.{res}")
+    return Model(**common, prices=prices, sizes=sizes, resolutions=resolutions)
+
+
+def _llm_model(table: dict, where: str, common: dict) -> Model:
+    for key in ("prices", "sizes", "resolutions"):
+        if key in table:
+            raise CatalogError(f"{where}: {key!r} is for image models")
+    for key in ("input_per_mtok", "output_per_mtok"):
+        if key not in table:
+            raise CatalogError(f"{where}: {key} is required (USD per 1M tokens)")
+    cached = table.get("cached_input_per_mtok")
+    max_out = table.get("max_output_tokens")
+    if max_out is not None and (not isinstance(max_out, int) or max_out <= 0):
+        raise CatalogError(f"{where}: max_output_tokens must be a positive integer")
+    return Model(
+        **common,
+        input_per_mtok=_price(table["input_per_mtok"], f"{where}: input_per_mtok"),
+        output_per_mtok=_price(table["output_per_mtok"], f"{where}: output_per_mtok"),
+        cached_input_per_mtok=_price(cached, f"{where}: cached_input_per_mtok") if cached is not None else None,
+        max_output_tokens=max_out,
+    )
+
+
+def load(path: Path | None, environ: Mapping[str, str]) -> Catalog:
+    if path is None:
+        return parse(BUILTIN.read_text(encoding="utf-8"), environ, source="built-in catalog", skip_keyless=True)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"catalog {path}: {exc.strerror}") from None
+    return parse(text, environ, source=str(path))

@@ -1,0 +1,169 @@
+"""The `mediagate` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from app import accounts, keys, ledger, money
+from app.settings import get_settings
+
+DEV_EMAIL = "dev@localhost"
+DEV_BALANCE = "10"
+
+
+def _engine():
+    from app.db import make_engine
+
+    return make_engine(get_settings().database_url, pool_size=1)
+
+
+def cmd_migrate(args) -> None:
+    from app.migrations import upgrade
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    print("database is up to date", file=sys.stderr)
+
+
+def _first_start_account() -> None:
+    """On a first start with no accounts: a development account with $10, and its key printed."""
+    engine = _engine()
+    with engine.begin() as conn:
+        if accounts.count(conn):
+            return
+        account_id = accounts.create(conn, DEV_EMAIL, money.from_usd(DEV_BALANCE))
+        new = keys.create(conn, account_id, "development")
+    engine.dispose()
+    print(f"\nCreated the development account {DEV_EMAIL} with ${DEV_BALANCE}.\nIts API key (shown once):\n\n"
+          f"    {new.key}\n", flush=True)
+
+
+def _worker_argv(extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO", *extra]
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    settings = get_settings()
+    cmd_migrate(args)
+    _first_start_account()
+    worker = None
+    if settings.embedded_broker:
+        # The embedded broker and worker: the same Celery task code, in a child process, with the
+        # periodic sweep (-B) beside it. Stops with this command.
+        worker = subprocess.Popen(_worker_argv(["-B", "--without-gossip", "--without-mingle",
+                                                "--without-heartbeat"]))
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level="info", access_log=args.access_log, proxy_headers=True)
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+def cmd_worker(args) -> None:
+    os.execv(sys.executable, _worker_argv(args.celery_args))
+
+
+def cmd_beat(args) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+                              "--loglevel", "INFO", *args.celery_args])
+
+
+def cmd_accounts(args) -> None:
+    engine = _engine()
+    try:
+        with engine.begin() as conn:
+            if args.action == "create":
+                account_id = accounts.create(conn, args.email, money.from_usd(args.balance))
+                print(json.dumps(accounts.show(conn, account_id), indent=2))
+            elif args.action == "topup":
+                account_id = accounts.find(conn, args.email)
+                ledger.top_up(conn, account_id, money.from_usd(args.amount), note=args.note or "top-up")
+                print(json.dumps(accounts.show(conn, account_id), indent=2))
+            elif args.action == "show":
+                print(json.dumps(accounts.show(conn, accounts.find(conn, args.email)), indent=2))
+    except (accounts.AccountError, ValueError) as exc:
+        sys.exit(f"mediagate: {exc}")
+    finally:
+        engine.dispose()
+
+
+def cmd_keys(args) -> None:
+    engine = _engine()
+    try:
+        with engine.begin() as conn:
+            if args.action == "create":
+                print(keys.create(conn, accounts.find(conn, args.email), args.name).key)
+            elif args.action == "revoke":
+                count = keys.revoke(conn, args.prefix)
+                if not count:
+                    sys.exit(f"mediagate: no live key starts with {args.prefix!r}")
+                print(f"revoked {count} key(s)", file=sys.stderr)
+    except accounts.AccountError as exc:
+        sys.exit(f"mediagate: {exc}")
+    finally:
+        engine.dispose()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mediagate", description="Self-hosted gateway for image generation and LLM APIs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the API (and, on the embedded default, a worker)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="web processes")
+    s.add_argument("--access-log", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    for name, func, text in (("worker", cmd_worker, "run a Celery worker (arguments go to celery)"),
+                             ("beat", cmd_beat, "run the periodic sweep scheduler (celery beat)")):
+        w = sub.add_parser(name, help=text)
+        w.add_argument("celery_args", nargs=argparse.REMAINDER)
+        w.set_defaults(func=func)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+
+    a = sub.add_parser("accounts", help="create, top up and show accounts")
+    asub = a.add_subparsers(dest="action", required=True)
+    c = asub.add_parser("create")
+    c.add_argument("email")
+    c.add_argument("--balance", default="0", help="opening balance in USD, e.g. 10 or 2.50")
+    t = asub.add_parser("topup")
+    t.add_argument("email")
+    t.add_argument("amount", help="USD, e.g. 5 or 0.25")
+    t.add_argument("--note", default="")
+    sh = asub.add_parser("show")
+    sh.add_argument("email")
+    a.set_defaults(func=cmd_accounts)
+
+    k = sub.add_parser("keys", help="create and revoke API keys")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create")
+    kc.add_argument("email")
+    kc.add_argument("--name", default="")
+    kr = ksub.add_parser("revoke")
+    kr.add_argument("prefix", help="the key's display prefix (llm_xxxxxxxx) or the whole key")
+    k.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

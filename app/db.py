@@ -1,0 +1,60 @@
+"""Engines and transactions, sync (workers, CLI) and async (the web process).
+
+Service code is written once against a sync `Connection`; the web process runs
+it inside `AsyncConnection.run_sync`, so SQLite and PostgreSQL, sync and async,
+share one implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.settings import async_database_url
+
+T = TypeVar("T")
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL, a busy timeout and BEGIN IMMEDIATE: several processes (web, worker)
+    write the embedded database, and a deferred transaction that later writes
+    would fail with 'database is locked' instead of waiting its turn."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover - trivial
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, pool_size: int = 10, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        _sqlite_setup(engine)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **kwargs)
+
+
+def make_async_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+    url = async_database_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _sqlite_setup(engine.sync_engine)
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+
+
+async def run(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn(conn, *args)` in one transaction on the async engine; commit on success."""
+    async with engine.begin() as conn:
+        return await conn.run_sync(fn, *args, **kwargs)

@@ -1,0 +1,86 @@
+"""One error type, rendered in each API family's own shape.
+
+Every error the gateway itself makes is an `APIError`; the route's family
+decides the JSON so each SDK raises its proper exception. Upstream errors are
+not these: the proxy passes them through untouched.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 409: "invalid_request_error",
+    413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+    502: "api_error", 503: "overloaded_error", 504: "api_error",
+}
+_GEMINI_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "FAILED_PRECONDITION", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 409: "ABORTED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+_OPENAI_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+    403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
+    413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+}
+
+
+class APIError(Exception):
+    """An expected failure with a stable `code`, the HTTP `status` and, for bad input, the `param`."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+        self.headers = headers
+
+    def body(self, family: str = OPENAI) -> dict:
+        if family == ANTHROPIC:
+            return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                               "message": self.message}}
+        if family == GEMINI:
+            return {"error": {"code": self.status, "message": self.message,
+                              "status": _GEMINI_STATUS.get(self.status, "INTERNAL")}}
+        return {"error": {"message": self.message,
+                          "type": self.type or _OPENAI_TYPES.get(self.status, "api_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self, family: str = OPENAI) -> JSONResponse:
+        return JSONResponse(self.body(family), status_code=self.status, headers=self.headers)
+
+
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+def unauthorized(message: str = "Missing or invalid API key. Send 'Authorization: Bearer llm_...'.") -> APIError:
+    return APIError(401, message, code="invalid_api_key")
+
+
+def not_found(message: str, code: str = "not_found") -> APIError:
+    return APIError(404, message, code=code)
+
+
+def insufficient_balance(message: str = "Your balance is too low for this request.") -> APIError:
+    return APIError(402, message, code="insufficient_balance")
+
+
+def family_for(path: str, headers=None) -> str:
+    """Which API family's error shape a path speaks (the /llm-api prefix is ignored)."""
+    if path.startswith("/llm-api"):
+        path = path[len("/llm-api"):]
+    if path.startswith("/anthropic") or path.startswith("/v1/messages"):
+        return ANTHROPIC
+    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
+        return GEMINI
+    if path == "/v1/models" and headers is not None and "anthropic-version" in headers:
+        return ANTHROPIC
+    return OPENAI

@@ -1,0 +1,36 @@
+"""GET /healthz: the process is up, and can reach its database and broker."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+def _broker_ok(celery) -> bool:
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+    return True
+
+
+async def healthz(request: Request) -> JSONResponse:
+    state = request.app.state
+    checks = {}
+    try:
+        async with state.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        await run_in_threadpool(_broker_ok, state.celery)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+
+
+routes = [Route("/healthz", healthz, methods=["GET"])]

@@ -1,0 +1,98 @@
+"""Task state changes, each a compare-and-set: only the winner of a transition acts on it.
+
+    pending --claim--> processing --complete--> completed
+       |                   |   \\--fail (refund)--> failed
+       |                   \\--lease expired--> pending (attempts left) | failed (refund)
+       \\--cancel (refund)--> canceled   (processing too)
+
+A refund is written in the same transaction as the transition that causes it,
+and the ledger's unique (kind, reference) makes a second refund impossible.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import Connection, select, update
+
+from app import ledger
+from app.models import ImageTask, utcnow
+
+
+def claim(conn: Connection, task_id: str, lease_seconds: int) -> dict | None:
+    """pending -> processing for this worker; None if another worker has it or it has ended."""
+    now = utcnow()
+    won = conn.execute(
+        update(ImageTask)
+        .where(ImageTask.id == task_id, ImageTask.status == "pending")
+        .values(status="processing", attempts=ImageTask.attempts + 1, started_at=now, updated_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds))
+    ).rowcount == 1
+    if not won:
+        return None
+    return dict(conn.execute(select(ImageTask).where(ImageTask.id == task_id)).mappings().one())
+
+
+def extend_lease(conn: Connection, task_id: str, lease_seconds: int) -> bool:
+    return conn.execute(
+        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    ).rowcount == 1
+
+
+def complete(conn: Connection, task_id: str, urls: list[str]) -> bool:
+    now = utcnow()
+    return conn.execute(
+        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing")
+        .values(status="completed", result_urls=urls, updated_at=now, finished_at=now, lease_expires_at=None)
+    ).rowcount == 1
+
+
+def _end_with_refund(conn: Connection, task_id: str, from_status: tuple[str, ...], status: str,
+                     code: str, message: str) -> bool:
+    now = utcnow()
+    row = conn.execute(
+        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status.in_(from_status))
+        .values(status=status, error_code=code, error_message=message[:2000], refunded=True,
+                updated_at=now, finished_at=now, lease_expires_at=None)
+        .returning(ImageTask.account_id, ImageTask.charge)
+    ).first()
+    if row is None:
+        return False
+    ledger.refund(conn, row.account_id, row.charge, reference=task_id, note=f"{status}: {code}")
+    return True
+
+
+def fail(conn: Connection, task_id: str, code: str, message: str) -> bool:
+    """processing -> failed, refunding the charge; False if the task was no longer processing."""
+    return _end_with_refund(conn, task_id, ("processing",), "failed", code, message)
+
+
+def cancel(conn: Connection, task_id: str) -> bool:
+    """pending | processing -> canceled, refunding the charge."""
+    return _end_with_refund(conn, task_id, ("pending", "processing"), "canceled", "canceled",
+                            "The task was canceled.")
+
+
+def recover_expired(conn: Connection, max_attempts: int, limit: int = 500) -> tuple[list[str], list[str]]:
+    """Processing tasks whose worker died (lease ran out): back to pending if attempts are left,
+    else failed and refunded. Returns (requeued ids, failed ids)."""
+    now = utcnow()
+    stmt = (select(ImageTask.id, ImageTask.attempts)
+            .where(ImageTask.status == "processing", ImageTask.lease_expires_at < now)
+            .limit(limit))
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    requeued, failed = [], []
+    for task_id, attempts in conn.execute(stmt).all():
+        if attempts < max_attempts:
+            if conn.execute(
+                update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing",
+                                        ImageTask.lease_expires_at < now)
+                .values(status="pending", dispatched_at=None, lease_expires_at=None, updated_at=now)
+            ).rowcount:
+                requeued.append(task_id)
+        elif fail(conn, task_id, "worker_lost",
+                  f"The worker running this task stopped {attempts} times; the charge was refunded."):
+            failed.append(task_id)
+    return requeued, failed

@@ -1,0 +1,64 @@
+"""API keys: `llm_` + 43 URL-safe random characters. Only a SHA-256 hash and a display prefix are stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, insert, select, update
+
+from app.models import ApiKey, utcnow
+
+PREFIX = "llm_"
+DISPLAY_CHARS = 12  # "llm_" and 8 more: enough to tell keys apart, useless to an attacker
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def looks_like_key(value: str) -> bool:
+    return value.startswith(PREFIX) and 36 <= len(value) <= 200
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: int
+    key: str  # shown once
+    prefix: str
+
+
+def create(conn: Connection, account_id: int, name: str = "") -> NewKey:
+    key = PREFIX + secrets.token_urlsafe(32)
+    prefix = key[:DISPLAY_CHARS]
+    key_id = conn.execute(
+        insert(ApiKey).values(account_id=account_id, name=name, prefix=prefix, key_hash=hash_key(key),
+                              created_at=utcnow()).returning(ApiKey.id)
+    ).scalar_one()
+    return NewKey(key_id, key, prefix)
+
+
+def revoke(conn: Connection, prefix: str, account_id: int | None = None) -> int:
+    """Revoke the live keys starting with `prefix` (of `account_id`, if given); returns how many."""
+    stmt = update(ApiKey).where(ApiKey.prefix == prefix[:DISPLAY_CHARS], ApiKey.revoked_at.is_(None))
+    if len(prefix) > DISPLAY_CHARS:
+        stmt = stmt.where(ApiKey.key_hash == hash_key(prefix))
+    if account_id is not None:
+        stmt = stmt.where(ApiKey.account_id == account_id)
+    return conn.execute(stmt.values(revoked_at=utcnow())).rowcount
+
+
+def revoke_by_id(conn: Connection, key_id: int, account_id: int) -> bool:
+    return conn.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.account_id == account_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    ).rowcount == 1
+
+
+def lookup(conn: Connection, key: str) -> tuple[int, int] | None:
+    """(key id, account id) of a live key, or None."""
+    row = conn.execute(
+        select(ApiKey.id, ApiKey.account_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    ).first()
+    return (row[0], row[1]) if row else None

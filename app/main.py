@@ -1,0 +1,101 @@
+"""create_app(settings): routes, error handlers and the lifespan that owns long-lived clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from app import account_routes, auth, catalog, health, storage
+from app.db import make_async_engine, make_engine, run
+from app.dispatch import Relay
+from app.errors import APIError, family_for
+from app.images import routes as image_routes
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+KEY_USE_FLUSH_SECONDS = 30.0
+
+
+def api_routes() -> list:
+    return [*image_routes.routes, *account_routes.routes]
+
+
+async def _flush_key_use(app: Starlette) -> None:
+    while True:
+        await asyncio.sleep(KEY_USE_FLUSH_SECONDS)
+        used = app.state.auth.take_used()
+        if used:
+            with contextlib.suppress(Exception):
+                await run(app.state.engine, auth.mark_used, used)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    offered = catalog.load(settings.catalog_path, settings.env)  # a bad catalog stops startup here
+    files = storage.from_settings(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        from workers.celery_app import make_celery, publisher
+
+        state = app.state
+        state.engine = make_async_engine(settings.database_url)
+        state.sync_engine = make_engine(settings.database_url, pool_size=2)
+        state.auth = auth.Authenticator(state.engine, settings.key_cache_seconds)
+        state.celery = make_celery(settings)
+        state.relay = Relay(state.sync_engine, publisher(state.celery), settings.relay_interval)
+        state.relay.start()
+        flusher = asyncio.create_task(_flush_key_use(app))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(Exception):
+                await run(state.engine, auth.mark_used, state.auth.take_used())
+            state.relay.stop()
+            await state.engine.dispose()
+            state.sync_engine.dispose()
+
+    routes = api_routes()
+    static = StaticFiles(directory=str(settings.files_dir), check_dir=False)
+    app = Starlette(
+        routes=[
+            *health.routes,
+            Mount("/files", app=static, name="files"),
+            Mount("/llm-api/files", app=static),
+            Mount("/llm-api", routes=routes),
+            *routes,
+        ],
+        lifespan=lifespan,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.settings = settings
+    app.state.catalog = offered
+    app.state.storage = files
+    return app
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response(family_for(request.url.path, request.headers))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    messages = {404: f"No route {request.method} {request.url.path}.", 405: "Method not allowed."}
+    error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                     code="not_found" if exc.status_code == 404 else None, headers=exc.headers)
+    return error.response(family_for(request.url.path, request.headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    error = APIError(500, "The gateway failed unexpectedly; nothing was charged for this request.",
+                     code="internal_error", type="server_error")
+    return error.response(family_for(request.url.path, request.headers))

@@ -1,0 +1,214 @@
+"""SQLAlchemy models. Money columns are integers in nano-dollars (see app.money).
+
+The schema is made only by Alembic (alembic/versions); tests check that these
+models and the migrations agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on every database; SQLite stores naive UTC text."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+Money = BigInteger  # nano-dollars
+Timestamp = UTCDateTime()
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    # Always equals the sum of this account's ledger entries; changed only by app.ledger.
+    balance: Mapped[int] = mapped_column(Money, default=0)
+    # Reserved by LLM requests in flight (not spent): balance - held is what a new request may use.
+    held: Mapped[int] = mapped_column(Money, default=0)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # After a rotation, deliveries are signed with both secrets until this time.
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    # The first characters of the key, shown to people to tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(20), index=True)
+    # SHA-256 of the whole key; the key itself is never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class LedgerEntry(Base):
+    """One balance change. `amount` is signed: top-ups and refunds add, charges subtract.
+
+    (kind, reference) is unique where reference is set, so a task is charged once
+    and refunded at most once by construction, not only by care.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (UniqueConstraint("kind", "reference", name="uq_ledger_entries_kind_reference"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # topup | charge | refund | usage
+    amount: Mapped[int] = mapped_column(Money)
+    reference: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    note: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ImageTask(Base):
+    __tablename__ = "image_tasks"
+    __table_args__ = (
+        Index("ix_image_tasks_account_created", "account_id", "created_at"),
+        Index("ix_image_tasks_status_dispatched", "status", "dispatched_at"),
+        UniqueConstraint("account_id", "idempotency_key", name="uq_image_tasks_account_idempotency"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # media_<random>
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True)
+    model: Mapped[str] = mapped_column(String(100))
+    prompt: Mapped[str] = mapped_column(Text)
+    size: Mapped[str] = mapped_column(String(10))
+    resolution: Mapped[str] = mapped_column(String(4))
+    n: Mapped[int] = mapped_column(Integer, default=1)
+    image_urls: Mapped[list] = mapped_column(JSON, default=list)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # What was debited at submission, in nano-dollars.
+    charge: Mapped[int] = mapped_column(Money)
+    # pending -> processing -> completed | failed | canceled; changed only by compare-and-set.
+    status: Mapped[str] = mapped_column(String(12), default="pending")
+    result_urls: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    refunded: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    # When a wake-up for this task was last handed to the broker (None: not yet).
+    dispatched_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # A processing task whose lease ran out lost its worker; the sweep takes it up again.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event for one task, delivered until a 2xx, a 410 or the schedule runs out."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<random>: the webhook-id header
+    task_id: Mapped[str] = mapped_column(ForeignKey("image_tasks.id", ondelete="CASCADE"), index=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    event_type: Mapped[str] = mapped_column(String(30))
+    payload: Mapped[str] = mapped_column(Text)  # the exact JSON body, signed as sent
+    status: Mapped[str] = mapped_column(String(12), default="pending")  # pending | delivered | failed
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class UsageRecord(Base):
+    """One LLM request through the passthrough, metered from what the upstream reported."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_account_created", "account_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # req_<random>
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True)
+    model: Mapped[str] = mapped_column(String(100))
+    api_format: Mapped[str] = mapped_column(String(12))  # chat | responses | messages | gemini
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # False when the upstream reported no usage at all (then nothing is charged).
+    usage_reported: Mapped[bool] = mapped_column(Boolean, default=False)
+    cost: Mapped[int] = mapped_column(Money, default=0)
+    upstream_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    ttfb_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    client_disconnected: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

@@ -1,0 +1,42 @@
+"""Money is an integer count of nano-dollars (1e-9 USD) everywhere but at the edges.
+
+A nano-dollar is fine enough for per-token LLM prices (a $0.075 / 1M-token price
+is 75 units a token) and a signed 64-bit column still holds $9 billion.
+The API renders amounts as decimal strings with 5 decimals, as the docs do.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+UNITS_PER_USD = 10**9
+_DISPLAY = Decimal("0.00001")
+
+
+def from_usd(value: str | int | Decimal) -> int:
+    """Parse a USD amount ("0.012", 10, Decimal) into units; floats are refused."""
+    if isinstance(value, float) or isinstance(value, bool):
+        raise TypeError("money must not be a float; write it as a string")
+    try:
+        amount = Decimal(str(value)) * UNITS_PER_USD
+    except InvalidOperation as exc:
+        raise ValueError(f"not an amount: {value!r}") from exc
+    if amount != amount.to_integral_value():
+        raise ValueError(f"{value!r} is finer than a nano-dollar")
+    return int(amount)
+
+
+def to_decimal(units: int) -> Decimal:
+    return Decimal(units) / UNITS_PER_USD
+
+
+def render(units: int) -> str:
+    """Units as the API's USD string: 12_000_000 -> "0.01200"."""
+    return str(to_decimal(units).quantize(_DISPLAY, rounding=ROUND_HALF_EVEN))
+
+
+def per_token_cost(tokens: int, usd_per_mtok_units: int) -> int:
+    """Cost in units of `tokens` at a price given in units per 1M tokens, rounded up."""
+    if tokens <= 0 or usd_per_mtok_units <= 0:
+        return 0
+    return int((Decimal(tokens) * usd_per_mtok_units / 1_000_000).to_integral_value(ROUND_CEILING))

@@ -1,0 +1,111 @@
+"""The one place environment variables are read.
+
+`Settings.from_env()` is called once per process (by `get_settings()`); everything
+else receives the resulting object.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _floats(value: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
+    if not value:
+        return default
+    return tuple(float(part) for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: str | None  # None: the embedded broker (a folder under data_dir)
+    catalog_path: Path | None
+    public_url: str
+    # Image workers
+    worker_concurrency: int = 200
+    backend_timeout: float = 120.0
+    backend_retries: int = 3
+    backend_retry_backoff: float = 1.0
+    task_lease_seconds: int = 300
+    task_max_attempts: int = 3
+    # Dispatch of pending tasks (the outbox relay) and the periodic sweep
+    relay_interval: float = 1.0
+    sweep_interval: float = 15.0
+    redispatch_after: float = 60.0
+    # Webhooks
+    webhook_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhook_timeout: float = 15.0
+    webhook_secret_grace: int = 24 * 3600
+    allow_private_urls: bool = False
+    # API keys are cached this long in each web process; a revoked key stops
+    # working within this many seconds.
+    key_cache_seconds: float = 5.0
+    max_reference_bytes: int = 10 * 1024 * 1024
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if environ is None else environ)
+        data_dir = Path(env.get("MEDIAGATE_DATA_DIR") or "./data").resolve()
+        database_url = env.get("MEDIAGATE_DATABASE_URL") or f"sqlite:///{data_dir / 'mediagate.db'}"
+        catalog = env.get("MEDIAGATE_CATALOG")
+        return cls(
+            data_dir=data_dir,
+            database_url=normalize_database_url(database_url),
+            broker_url=env.get("MEDIAGATE_BROKER_URL") or None,
+            catalog_path=Path(catalog) if catalog else None,
+            public_url=(env.get("MEDIAGATE_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+            worker_concurrency=int(env.get("MEDIAGATE_WORKER_CONCURRENCY") or 200),
+            backend_timeout=float(env.get("MEDIAGATE_BACKEND_TIMEOUT") or 120),
+            backend_retries=int(env.get("MEDIAGATE_BACKEND_RETRIES") or 3),
+            backend_retry_backoff=float(env.get("MEDIAGATE_BACKEND_RETRY_BACKOFF") or 1.0),
+            task_lease_seconds=int(env.get("MEDIAGATE_TASK_LEASE_SECONDS") or 300),
+            task_max_attempts=int(env.get("MEDIAGATE_TASK_MAX_ATTEMPTS") or 3),
+            relay_interval=float(env.get("MEDIAGATE_RELAY_INTERVAL") or 1.0),
+            sweep_interval=float(env.get("MEDIAGATE_SWEEP_INTERVAL") or 15.0),
+            redispatch_after=float(env.get("MEDIAGATE_REDISPATCH_AFTER") or 60.0),
+            webhook_schedule=_floats(env.get("MEDIAGATE_WEBHOOK_SCHEDULE"), cls.webhook_schedule),
+            webhook_timeout=float(env.get("MEDIAGATE_WEBHOOK_TIMEOUT") or 15.0),
+            allow_private_urls=_bool(env.get("MEDIAGATE_ALLOW_PRIVATE_URLS")),
+            key_cache_seconds=float(env.get("MEDIAGATE_KEY_CACHE_SECONDS") or 5.0),
+            env=env,
+        )
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the usual spellings and pick the drivers this project ships."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def async_database_url(url: str) -> str:
+    """The URL for the web process's async engine."""
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://"):]
+    return url  # psycopg 3 serves both sync and async
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,49 @@
+"""Where generated images live. The local directory is the default (and so far only) backend;
+the app serves it at /files/..., and URLs are built from the public base URL."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+
+class Storage(Protocol):
+    def save(self, key: str, data: bytes) -> str:
+        """Store `data` under `key` ("media_x/0.png"); returns its public URL."""
+
+    def read(self, key: str) -> bytes: ...
+
+
+class LocalStorage:
+    def __init__(self, root: Path, public_url: str):
+        self.root = root
+        self.public_url = public_url.rstrip("/")
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"bad storage key {key!r}")
+        return path
+
+    def save(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a reader never sees half a file, a retry overwrites cleanly.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return self.url(key)
+
+    def url(self, key: str) -> str:
+        return f"{self.public_url}/files/{key}"
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+
+def from_settings(settings) -> LocalStorage:
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    return LocalStorage(settings.files_dir, settings.public_url)

@@ -1,0 +1,1 @@
+"""Celery workers: image generation, webhook delivery and the periodic sweep."""

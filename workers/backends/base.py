@@ -1,0 +1,75 @@
+"""The one interface every image backend implements, and the errors it may raise.
+
+Adapters translate their transport's failures into these errors; nothing above
+an adapter knows httpx. A `TransientError` is retried with backoff, a
+`PermanentError` fails the task (and refunds it) at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Reference:
+    mime_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    prompt: str
+    size: str  # aspect ratio, "16:9" (or "auto")
+    resolution: str  # "1k" | "2k" | "4k"
+    width: int  # what will be delivered after crop and resize
+    height: int
+    upstream_model: str
+    references: list[Reference] = field(default_factory=list)
+
+
+class BackendError(Exception):
+    transient = False
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TransientError(BackendError):
+    """Worth another try: connection errors, timeouts, 429, 5xx."""
+
+    transient = True
+
+
+class PermanentError(BackendError):
+    """Will not get better by retrying: a refused prompt, a bad key, an answer with no image."""
+
+
+class ImageBackend(Protocol):
+    def generate(self, job: ImageJob) -> list[bytes]:
+        """Encoded images (PNG, JPEG or WebP bytes) for `job`; raises BackendError."""
+
+
+def http_error(exc: httpx.HTTPError) -> BackendError:
+    """Map an httpx transport failure to a transient backend error."""
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientError("upstream_timeout", f"The image provider did not answer in time ({type(exc).__name__}).")
+    return TransientError("upstream_unavailable", f"Could not reach the image provider ({type(exc).__name__}).")
+
+
+def status_error(response: httpx.Response, provider: str) -> BackendError:
+    """Map a non-2xx answer: 429 and 5xx are transient, the rest permanent."""
+    try:
+        detail = response.json()
+        detail = (detail.get("error") or {}).get("message") or str(detail)
+    except Exception:
+        detail = response.text[:300]
+    message = f"{provider} answered {response.status_code}: {detail}"[:1000]
+    if response.status_code == 429 or response.status_code >= 500:
+        return TransientError("upstream_unavailable" if response.status_code >= 500 else "upstream_rate_limited",
+                              message)
+    return PermanentError("upstream_rejected", message)

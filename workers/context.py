@@ -1,0 +1,56 @@
+"""What a worker process keeps for its life: settings, engine, catalog, storage, one HTTP pool."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+from sqlalchemy import Engine
+
+from app import catalog as catalog_module
+from app import storage as storage_module
+from app.catalog import Catalog, Provider
+from app.db import make_engine
+from app.settings import Settings, get_settings
+from workers.backends import make_backend
+from workers.backends.base import ImageBackend
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    engine: Engine
+    catalog: Catalog
+    storage: storage_module.LocalStorage
+    http: httpx.Client
+    _backends: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def backend(self, provider: Provider) -> ImageBackend:
+        with self._lock:
+            if provider.name not in self._backends:
+                self._backends[provider.name] = make_backend(provider, self.http)
+            return self._backends[provider.name]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "WorkerContext":
+        pool = max(10, min(settings.worker_concurrency, 50))
+        return cls(
+            settings=settings,
+            engine=make_engine(settings.database_url, pool_size=pool),
+            catalog=catalog_module.load(settings.catalog_path, settings.env),
+            storage=storage_module.from_settings(settings),
+            http=httpx.Client(
+                timeout=httpx.Timeout(settings.backend_timeout, connect=10.0),
+                limits=httpx.Limits(max_connections=settings.worker_concurrency + 20,
+                                    max_keepalive_connections=settings.worker_concurrency),
+                follow_redirects=False,
+            ),
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def get_context() -> WorkerContext:
+    return WorkerContext.from_settings(get_settings())

@@ -1,0 +1,88 @@
+"""One image task, start to end: claim, call the backend (retrying transient errors), store, complete.
+
+Any failure ends the task `failed` and refunds it, in one transaction, exactly
+once. Running the same task id twice generates once: the second claim loses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from app.images import lifecycle
+from app.images.dimensions import dimensions
+from workers import imaging, references
+from workers.backends.base import BackendError, ImageJob, PermanentError
+from workers.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: WorkerContext, task_id: str) -> str:
+    """Returns what happened: "completed", "failed", "skipped" (not ours to run) or "lost" (ended meanwhile)."""
+    settings = ctx.settings
+    with ctx.engine.begin() as conn:
+        task = lifecycle.claim(conn, task_id, settings.task_lease_seconds)
+    if task is None:
+        return "skipped"
+    try:
+        urls = _generate(ctx, task)
+    except BackendError as exc:
+        return _fail(ctx, task_id, exc.code, exc.message)
+    except Exception as exc:  # a bug must not keep the charge: fail and refund, and say so in the log
+        log.exception("task %s crashed", task_id)
+        return _fail(ctx, task_id, "internal_error", f"The worker failed unexpectedly ({type(exc).__name__}).")
+    with ctx.engine.begin() as conn:
+        done = lifecycle.complete(conn, task_id, urls)
+    if done:
+        from workers import events
+
+        events.task_ended(ctx, task_id)
+    return "completed" if done else "lost"
+
+
+def _fail(ctx: WorkerContext, task_id: str, code: str, message: str) -> str:
+    with ctx.engine.begin() as conn:
+        failed = lifecycle.fail(conn, task_id, code, message)
+    if failed:
+        from workers import events
+
+        events.task_ended(ctx, task_id)
+    return "failed" if failed else "lost"
+
+
+def _generate(ctx: WorkerContext, task: dict) -> list[str]:
+    model = ctx.catalog.get(task["model"], "image")
+    if model is None:
+        raise PermanentError("model_unavailable", f"The model {task['model']!r} is no longer offered.")
+    width, height = dimensions(task["size"], task["resolution"])
+    refs = references.resolve(task["image_urls"] or [], ctx.http, ctx.settings.max_reference_bytes)
+    job = ImageJob(task["prompt"], task["size"], task["resolution"], width, height, model.upstream_model, refs)
+    backend = ctx.backend(model.provider)
+    images = _with_retries(ctx, task["id"], lambda: backend.generate(job))
+    if not images:
+        raise PermanentError("no_image", "The provider answered without an image.")
+    urls = []
+    for index, data in enumerate(images[: task["n"]]):
+        png = imaging.finish(data, task["size"], task["resolution"], width, height)
+        urls.append(ctx.storage.save(f"{task['id']}/{index}.png", png))
+    return urls
+
+
+def _with_retries(ctx: WorkerContext, task_id: str, call):
+    settings = ctx.settings
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except BackendError as exc:
+            if not exc.transient or attempt >= settings.backend_retries:
+                raise
+            delay = settings.backend_retry_backoff * (2 ** attempt) * (0.5 + random.random())
+            log.info("task %s: %s, retry %d in %.1fs", task_id, exc.code, attempt + 1, delay)
+            attempt += 1
+            time.sleep(delay)
+            with ctx.engine.begin() as conn:
+                if not lifecycle.extend_lease(conn, task_id, settings.task_lease_seconds):
+                    raise PermanentError("canceled", "The task ended while it was being retried.") from exc

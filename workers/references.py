@@ -1,0 +1,56 @@
+"""Reference images for image-to-image: data URIs decoded, URLs downloaded with caps, all verified."""
+
+from __future__ import annotations
+
+from urllib.parse import urljoin
+
+import httpx
+
+from app.errors import APIError
+from app.images.validation import decode_data_uri, verify_image
+from workers.backends.base import PermanentError, Reference, TransientError
+
+MAX_REDIRECTS = 3
+FETCH_TIMEOUT = 20.0
+
+
+def _download(http: httpx.Client, url: str, max_bytes: int, param: str) -> bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            with http.stream("GET", url, timeout=FETCH_TIMEOUT, follow_redirects=False) as response:
+                if response.is_redirect and response.headers.get("location"):
+                    url = urljoin(url, response.headers["location"])
+                    if not url.startswith(("http://", "https://")):
+                        raise PermanentError("bad_reference_image", f"{param} redirects to a non-http URL.")
+                    continue
+                if response.status_code >= 400:
+                    error = TransientError if response.status_code >= 500 or response.status_code == 429 \
+                        else PermanentError
+                    raise error("bad_reference_image", f"{param}: download answered {response.status_code}.")
+                chunks, total = [], 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise PermanentError("bad_reference_image",
+                                             f"{param} is larger than {max_bytes // (1024 * 1024)} MiB.")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise TransientError("bad_reference_image", f"{param}: download failed ({type(exc).__name__}).") from None
+    raise PermanentError("bad_reference_image", f"{param}: too many redirects.")
+
+
+def resolve(image_urls: list[str], http: httpx.Client, max_bytes: int) -> list[Reference]:
+    references = []
+    for index, url in enumerate(image_urls):
+        param = f"image_urls[{index}]"
+        try:
+            if url[:5].lower() == "data:":
+                _, data = decode_data_uri(url, param, max_bytes)
+            else:
+                data = _download(http, url, max_bytes, param)
+            mime = verify_image(data, param)
+        except APIError as exc:
+            raise PermanentError("bad_reference_image", exc.message) from None
+        references.append(Reference(mime, data))
+    return references
