@@ -1,0 +1,34 @@
+# The two quick-start commands: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install serve test test-integration bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The service on the embedded default: SQLite, embedded broker and worker, no other service.
+serve: install
+	$(VENV)/bin/mediagate serve
+
+# The whole suite. With MEDIAGATE_TEST_DATABASE_URL and MEDIAGATE_TEST_REDIS_URL set it runs
+# against that PostgreSQL and Redis (as .ci/run does); without, on SQLite and the embedded broker.
+test: install
+	$(PY) -m pytest -q
+
+# The suite against the local PostgreSQL and Redis, as CI runs it.
+test-integration: install
+	MEDIAGATE_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+	MEDIAGATE_TEST_REDIS_URL=redis://127.0.0.1:6379/14 $(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.submit
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

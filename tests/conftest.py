@@ -1,0 +1,255 @@
+"""Test environment: databases, broker, a real Celery worker process, loopback fake upstreams.
+
+With MEDIAGATE_TEST_DATABASE_URL and MEDIAGATE_TEST_REDIS_URL set, everything
+runs against that PostgreSQL (a fresh database per run, dropped after) and
+Redis (its database flushed), with a real worker process on the Redis broker.
+Without them: SQLite and the embedded filesystem broker, with the same worker.
+
+The environment is set here, at import, because the worker process and
+workers.celery_app read their settings once, from it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ThreadedServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("MEDIAGATE_TEST_DATABASE_URL")
+REDIS_URL = os.environ.get("MEDIAGATE_TEST_REDIS_URL")
+INTEGRATION = bool(PG_URL and REDIS_URL)
+RUN_DIR = Path(tempfile.mkdtemp(prefix="mediagate-test-"))
+UPSTREAM_PORT = free_port()
+UPSTREAM = f"http://127.0.0.1:{UPSTREAM_PORT}"
+TEST_DB_NAME = f"mediagate_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+
+def _pg_url_for(database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    from app.settings import normalize_database_url
+
+    return make_url(normalize_database_url(PG_URL)).set(database=database).render_as_string(hide_password=False)
+
+
+CATALOG = f"""
+[providers.local]
+format = "local"
+
+[providers.fakeopenai]
+format = "openai"
+base_url = "{UPSTREAM}/openai/v1"
+api_key = "sk-upstream-openai"
+
+[providers.fakegemini]
+format = "gemini"
+base_url = "{UPSTREAM}/gemini"
+api_key = "upstream-gemini-key"
+
+[[models]]
+name = "local-image"
+provider = "local"
+api = "image"
+prices = {{ "1k" = "0.001", "2k" = "0.002", "4k" = "0.004" }}
+
+[[models]]
+name = "gpt-image-2"
+provider = "fakeopenai"
+api = "image"
+prices = {{ "1k" = "0.012", "2k" = "0.024", "4k" = "0.048" }}
+
+[[models]]
+name = "narrow-image"
+provider = "fakeopenai"
+api = "image"
+upstream_model = "gpt-image-1"
+prices = {{ "1k" = "0.01", "2k" = "0.02" }}
+sizes = ["1:1", "3:2", "2:3"]
+resolutions = ["1k", "2k"]
+
+[[models]]
+name = "gemini-image"
+provider = "fakegemini"
+api = "image"
+upstream_model = "gemini-3-pro-image-preview"
+prices = {{ "1k" = "0.039", "2k" = "0.078", "4k" = "0.156" }}
+"""
+
+(RUN_DIR / "catalog.toml").write_text(CATALOG)
+os.environ.update({
+    "MEDIAGATE_DATA_DIR": str(RUN_DIR / "data"),
+    "MEDIAGATE_CATALOG": str(RUN_DIR / "catalog.toml"),
+    "MEDIAGATE_PUBLIC_URL": "http://testserver",
+    "MEDIAGATE_BACKEND_RETRY_BACKOFF": "0.05",
+    "MEDIAGATE_BACKEND_TIMEOUT": "20",
+    "MEDIAGATE_RELAY_INTERVAL": "0.2",
+    "MEDIAGATE_KEY_CACHE_SECONDS": "0.5",
+    "MEDIAGATE_ALLOW_PRIVATE_URLS": "1",
+    "MEDIAGATE_WORKER_CONCURRENCY": "250",
+})
+if INTEGRATION:
+    os.environ["MEDIAGATE_DATABASE_URL"] = _pg_url_for(TEST_DB_NAME)
+    os.environ["MEDIAGATE_BROKER_URL"] = REDIS_URL
+else:
+    os.environ.pop("MEDIAGATE_DATABASE_URL", None)
+    os.environ.pop("MEDIAGATE_BROKER_URL", None)
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from app.settings import Settings
+
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database(settings):
+    """A fresh, migrated database for this run."""
+    from app.migrations import upgrade
+
+    if INTEGRATION:
+        import psycopg
+
+        admin = _pg_url_for("postgres").replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{TEST_DB_NAME}"')
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    yield settings.database_url
+    if INTEGRATION:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB_NAME}" WITH (FORCE)')
+        redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture(scope="session")
+def engine(database, settings):
+    from app.db import make_engine
+
+    engine = make_engine(settings.database_url, pool_size=5)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def fake_images():
+    from tests.fakes.images import FakeImageUpstream
+
+    fake = FakeImageUpstream()
+    with ThreadedServer(fake.app, port=UPSTREAM_PORT, limit_concurrency=2000, backlog=2048):
+        yield fake
+
+
+class Worker:
+    """A real `celery worker` process on this run's broker and database."""
+
+    def __init__(self, log_path: Path, extra: list[str] = ()):
+        self.log_path = log_path
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        self.log = open(self.log_path, "ab")
+        offset = self.log_path.stat().st_size
+        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO",
+                "--without-gossip", "--without-mingle", "--without-heartbeat", *self.extra]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                if b" ready." in fh.read():
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError("worker exited:\n" + self.log_path.read_text()[-3000:])
+            time.sleep(0.1)
+        raise RuntimeError("worker did not become ready:\n" + self.log_path.read_text()[-3000:])
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def worker(database, fake_images):
+    proc = Worker(RUN_DIR / "worker.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def app(database):
+    from app.main import create_app
+
+    return create_app()
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:
+        yield client
+
+
+@dataclass
+class TestAccount:
+    id: int
+    key: str
+    email: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+def make_account(engine):
+    from app import accounts, keys, money
+
+    def make(balance: str = "10") -> TestAccount:
+        email = f"user-{secrets.token_hex(5)}@example.com"
+        with engine.begin() as conn:
+            account_id = accounts.create(conn, email, money.from_usd(balance))
+            key = keys.create(conn, account_id, "test").key
+        return TestAccount(account_id, key, email)
+
+    return make
+
+
+@pytest.fixture
+def account(make_account) -> TestAccount:
+    return make_account()
+
+
+def wait_for_task(client, headers, task_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/v1/tasks/{task_id}", headers=headers).json()
+        if body["status"] in ("completed", "failed", "canceled"):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} still {body['status']} after {timeout}s")
+        time.sleep(0.1)
