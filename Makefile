@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install serve test test-integration bench clean
+.PHONY: install chromium serve test test-integration bench clean
 
 install: $(VENV)/.installed
 
@@ -13,17 +13,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The dashboard's browser tests need Debian's chromium; installed here when missing.
+chromium:
+	sh scripts/ensure-chromium.sh
+
 # The service on the embedded default: SQLite, embedded broker and worker, no other service.
 serve: install
 	$(VENV)/bin/mediagate serve
 
 # The whole suite. With MEDIAGATE_TEST_DATABASE_URL and MEDIAGATE_TEST_REDIS_URL set it runs
 # against that PostgreSQL and Redis (as .ci/run does); without, on SQLite and the embedded broker.
-test: install
+test: install chromium
 	$(PY) -m pytest -q
 
 # The suite against the local PostgreSQL and Redis, as CI runs it.
-test-integration: install
+test-integration: install chromium
 	MEDIAGATE_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
 	MEDIAGATE_TEST_REDIS_URL=redis://127.0.0.1:6379/14 $(PY) -m pytest -q
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, func, insert, select, update
 
 from app import ledger, money
 from app.models import Account, ApiKey, utcnow
@@ -54,3 +54,12 @@ def show(conn: Connection, account_id: int) -> dict:
         "keys": [{"prefix": k.prefix, "name": k.name, "created_at": k.created_at.isoformat(),
                   "revoked": k.revoked_at is not None} for k in keys],
     }
+
+
+def set_password_hash(conn: Connection, account_id: int, password_hash: str) -> None:
+    """Store a hash made by app.passwords; sessions made with the old password end."""
+    conn.execute(update(Account).where(Account.id == account_id).values(password_hash=password_hash))
+
+
+def set_admin(conn: Connection, account_id: int, is_admin: bool = True) -> None:
+    conn.execute(update(Account).where(Account.id == account_id).values(is_admin=is_admin))

@@ -84,9 +84,24 @@ def cmd_beat(args) -> None:
 def cmd_accounts(args) -> None:
     engine = _engine()
     try:
+        # Ask before the transaction opens: on SQLite it holds the write lock while open.
+        password_hash = None
+        if args.action == "create" and args.password_stdin:
+            password_hash = _password_from_stdin()
+        elif args.action == "set-password":
+            password_hash = _password_prompt(args.email)
         with engine.begin() as conn:
             if args.action == "create":
-                account_id = accounts.create(conn, args.email, money.from_usd(args.balance))
+                account_id = accounts.create(conn, args.email, money.from_usd(args.balance), is_admin=args.admin,
+                                             password_hash=password_hash)
+                print(json.dumps(accounts.show(conn, account_id), indent=2))
+            elif args.action == "set-password":
+                account_id = accounts.find(conn, args.email)
+                accounts.set_password_hash(conn, account_id, password_hash)
+                print(f"password set for {args.email}", file=sys.stderr)
+            elif args.action == "set-admin":
+                account_id = accounts.find(conn, args.email)
+                accounts.set_admin(conn, account_id, not args.off)
                 print(json.dumps(accounts.show(conn, account_id), indent=2))
             elif args.action == "topup":
                 account_id = accounts.find(conn, args.email)
@@ -98,6 +113,25 @@ def cmd_accounts(args) -> None:
         sys.exit(f"mediagate: {exc}")
     finally:
         engine.dispose()
+
+
+def _password_from_stdin() -> str:
+    """The first line of stdin, hashed: for scripts (`printf '%s\\n' "$PW" | mediagate accounts create ...`)."""
+    from app import passwords
+
+    return passwords.hash_password(sys.stdin.readline().rstrip("\r\n"))
+
+
+def _password_prompt(email: str) -> str:
+    import getpass
+
+    from app import passwords
+
+    first = getpass.getpass(f"New dashboard password for {email}: ")
+    passwords.check_strength(first)
+    if getpass.getpass("Repeat it: ") != first:
+        raise ValueError("the passwords differ; nothing changed")
+    return passwords.hash_password(first)
 
 
 def cmd_keys(args) -> None:
@@ -141,6 +175,13 @@ def parser() -> argparse.ArgumentParser:
     c = asub.add_parser("create")
     c.add_argument("email")
     c.add_argument("--balance", default="0", help="opening balance in USD, e.g. 10 or 2.50")
+    c.add_argument("--admin", action="store_true", help="may use the dashboard's admin page")
+    c.add_argument("--password-stdin", action="store_true", help="read a dashboard password from stdin's first line")
+    sp = asub.add_parser("set-password", help="set a dashboard password (prompts)")
+    sp.add_argument("email")
+    sa = asub.add_parser("set-admin", help="grant (or with --off, take away) the admin flag")
+    sa.add_argument("email")
+    sa.add_argument("--off", action="store_true")
     t = asub.add_parser("topup")
     t.add_argument("email")
     t.add_argument("amount", help="USD, e.g. 5 or 0.25")

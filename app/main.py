@@ -10,22 +10,26 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from app import account_routes, auth, catalog, health, storage
+from app.dashboard import routes as dashboard_routes
 from app.db import make_async_engine, make_engine, run
 from app.dispatch import Relay
 from app.errors import APIError, family_for
 from app.images import routes as image_routes
+from app.proxy import routes as proxy_routes
+from app.proxy.gateway import LLMGateway
 from app.settings import Settings, get_settings
+from app.webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 KEY_USE_FLUSH_SECONDS = 30.0
 
 
 def api_routes() -> list:
-    return [*image_routes.routes, *account_routes.routes]
+    return [*image_routes.routes, *webhook_routes.routes, *account_routes.routes, *proxy_routes.routes]
 
 
 async def _flush_key_use(app: Starlette) -> None:
@@ -53,11 +57,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         state.celery = make_celery(settings)
         state.relay = Relay(state.sync_engine, publisher(state.celery), settings.relay_interval)
         state.relay.start()
+        state.llm = LLMGateway(state.engine, offered)  # upstream pools and the usage recorder
+        await state.llm.start()
         flusher = asyncio.create_task(_flush_key_use(app))
         try:
             yield
         finally:
             flusher.cancel()
+            await state.llm.stop()  # writes the usage still queued
             with contextlib.suppress(Exception):
                 await run(state.engine, auth.mark_used, state.auth.take_used())
             state.relay.stop()
@@ -69,6 +76,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             *health.routes,
+            Route("/", dashboard_routes.to_dashboard, methods=["GET"]),
+            Mount("/dashboard", routes=dashboard_routes.routes),
             Mount("/files", app=static, name="files"),
             Mount("/llm-api/files", app=static),
             Mount("/llm-api", routes=routes),

@@ -40,6 +40,8 @@ class Settings:
     task_max_attempts: int = 3
     # Dispatch of pending tasks (the outbox relay) and the periodic sweep
     relay_interval: float = 1.0
+    # The broker queue the web process publishes to and workers consume (one per deployment).
+    queue: str = "mediagate"
     sweep_interval: float = 15.0
     redispatch_after: float = 60.0
     # Webhooks
@@ -51,6 +53,9 @@ class Settings:
     # working within this many seconds.
     key_cache_seconds: float = 5.0
     max_reference_bytes: int = 10 * 1024 * 1024
+    # Signs dashboard session cookies. Unset: a random key kept in data_dir/secret_key
+    # (shared by the processes on one machine); set it when web processes run on several hosts.
+    secret_key: str | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -80,12 +85,15 @@ class Settings:
             task_lease_seconds=int(env.get("MEDIAGATE_TASK_LEASE_SECONDS") or 300),
             task_max_attempts=int(env.get("MEDIAGATE_TASK_MAX_ATTEMPTS") or 3),
             relay_interval=float(env.get("MEDIAGATE_RELAY_INTERVAL") or 1.0),
+            queue=env.get("MEDIAGATE_QUEUE") or "mediagate",
             sweep_interval=float(env.get("MEDIAGATE_SWEEP_INTERVAL") or 15.0),
             redispatch_after=float(env.get("MEDIAGATE_REDISPATCH_AFTER") or 60.0),
             webhook_schedule=_floats(env.get("MEDIAGATE_WEBHOOK_SCHEDULE"), cls.webhook_schedule),
             webhook_timeout=float(env.get("MEDIAGATE_WEBHOOK_TIMEOUT") or 15.0),
+            webhook_secret_grace=int(env.get("MEDIAGATE_WEBHOOK_SECRET_GRACE") or 24 * 3600),
             allow_private_urls=_bool(env.get("MEDIAGATE_ALLOW_PRIVATE_URLS")),
             key_cache_seconds=float(env.get("MEDIAGATE_KEY_CACHE_SECONDS") or 5.0),
+            secret_key=env.get("MEDIAGATE_SECRET_KEY") or None,
             env=env,
         )
 

@@ -31,6 +31,9 @@ INTEGRATION = bool(PG_URL and REDIS_URL)
 RUN_DIR = Path(tempfile.mkdtemp(prefix="mediagate-test-"))
 UPSTREAM_PORT = free_port()
 UPSTREAM = f"http://127.0.0.1:{UPSTREAM_PORT}"
+# The fake LLM upstreams (OpenAI, Anthropic, Gemini wire formats) listen here; see tests/proxy.
+LLM_PORT = free_port()
+LLM_UPSTREAM = f"http://127.0.0.1:{LLM_PORT}"
 TEST_DB_NAME = f"mediagate_test_{os.getpid()}_{secrets.token_hex(3)}"
 
 
@@ -55,6 +58,21 @@ api_key = "sk-upstream-openai"
 format = "gemini"
 base_url = "{UPSTREAM}/gemini"
 api_key = "upstream-gemini-key"
+
+[providers.llm-openai]
+format = "openai"
+base_url = "{LLM_UPSTREAM}/openai/v1"
+api_key = "sk-upstream-llm-openai"
+
+[providers.llm-anthropic]
+format = "anthropic"
+base_url = "{LLM_UPSTREAM}/anthropic"
+api_key = "sk-ant-upstream"
+
+[providers.llm-gemini]
+format = "gemini"
+base_url = "{LLM_UPSTREAM}/gemini"
+api_key = "upstream-gemini-llm-key"
 
 [[models]]
 name = "local-image"
@@ -83,6 +101,51 @@ provider = "fakegemini"
 api = "image"
 upstream_model = "gemini-3-pro-image-preview"
 prices = {{ "1k" = "0.039", "2k" = "0.078", "4k" = "0.156" }}
+
+# LLM models on the fake LLM upstreams (tests/fakes/llm.py, tests/proxy).
+[[models]]
+name = "gpt-4o"
+provider = "llm-openai"
+api = "chat"
+input_per_mtok = "2.50"
+output_per_mtok = "10.00"
+cached_input_per_mtok = "1.25"
+max_output_tokens = 16384
+
+[[models]]
+name = "qwen-max"
+provider = "llm-openai"
+api = "chat"
+upstream_model = "qwen-max-2025-01-25"
+input_per_mtok = "1.60"
+output_per_mtok = "6.40"
+
+[[models]]
+name = "gpt-5.4"
+provider = "llm-openai"
+api = "responses"
+input_per_mtok = "1.25"
+output_per_mtok = "10.00"
+cached_input_per_mtok = "0.125"
+max_output_tokens = 128000
+
+[[models]]
+name = "claude-sonnet-4-6"
+provider = "llm-anthropic"
+api = "messages"
+input_per_mtok = "3.00"
+output_per_mtok = "15.00"
+cached_input_per_mtok = "0.30"
+max_output_tokens = 64000
+
+[[models]]
+name = "gemini-2.5-flash"
+provider = "llm-gemini"
+api = "gemini"
+input_per_mtok = "0.30"
+output_per_mtok = "2.50"
+cached_input_per_mtok = "0.075"
+max_output_tokens = 65536
 """
 
 (RUN_DIR / "catalog.toml").write_text(CATALOG)
@@ -96,6 +159,9 @@ os.environ.update({
     "MEDIAGATE_KEY_CACHE_SECONDS": "0.5",
     "MEDIAGATE_ALLOW_PRIVATE_URLS": "1",
     "MEDIAGATE_WORKER_CONCURRENCY": "250",
+    # Webhook retries in seconds, not hours, and a receiver that hangs is given up on quickly.
+    "MEDIAGATE_WEBHOOK_SCHEDULE": "0.3,0.6,1",
+    "MEDIAGATE_WEBHOOK_TIMEOUT": "3",
 })
 if INTEGRATION:
     os.environ["MEDIAGATE_DATABASE_URL"] = _pg_url_for(TEST_DB_NAME)
@@ -156,9 +222,10 @@ def fake_images():
 class Worker:
     """A real `celery worker` process on this run's broker and database."""
 
-    def __init__(self, log_path: Path, extra: list[str] = ()):
+    def __init__(self, log_path: Path, extra: list[str] = (), env: dict[str, str] | None = None):
         self.log_path = log_path
         self.extra = list(extra)
+        self.env = env  # overrides of this process's environment (tests/test_chaos.py)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Worker":
@@ -166,7 +233,8 @@ class Worker:
         offset = self.log_path.stat().st_size
         argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", *self.extra]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as fh:

@@ -8,12 +8,15 @@ The database is the source of truth; messages only carry task ids (wake-ups).
 from __future__ import annotations
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 from app.settings import Settings, get_settings
 
 GENERATE = "images.generate"
 DELIVER = "webhooks.deliver"
 SWEEP = "maintenance.sweep"
+
+TRANSPORT_ALIASES.setdefault("mediagate-fs", "workers.embedded_broker:Transport")
 
 
 def broker_options(settings: Settings) -> tuple[str, dict]:
@@ -22,13 +25,10 @@ def broker_options(settings: Settings) -> tuple[str, dict]:
         # usually acts first. Keep it above the longest task.
         return settings.broker_url, {"visibility_timeout": 3 * 3600}
     folder = settings.data_dir / "broker"
-    for sub in ("queue", "processed"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    (folder / "queue").mkdir(parents=True, exist_ok=True)
+    return "mediagate-fs://", {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
-        "processed_folder": str(folder / "processed"),
-        "store_processed": False,
         "polling_interval": 0.05,
     }
 
@@ -42,8 +42,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_default_queue="mediagate",
-        task_routes={GENERATE: {"queue": "mediagate"}, DELIVER: {"queue": "mediagate"}},
+        task_default_queue=settings.queue,
+        task_routes={GENERATE: {"queue": settings.queue}, DELIVER: {"queue": settings.queue}},
         task_serializer="json",
         accept_content=["json"],
         # Image calls wait 5-60 s on the network: threads, not one process per CPU.
@@ -60,13 +60,14 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publisher(celery: Celery):
-    """A publish(ids) callable for the outbox relay: one producer for the whole batch."""
+def publisher(celery: Celery, name: str = GENERATE):
+    """A publish(ids) callable for the outbox relays (tasks, and webhook deliveries with
+    name=DELIVER): one producer for the whole batch."""
 
     def publish(ids: list[str]) -> None:
         with celery.producer_or_acquire() as producer:
             for task_id in ids:
-                celery.send_task(GENERATE, args=[task_id], producer=producer)
+                celery.send_task(name, args=[task_id], producer=producer)
 
     return publish
 

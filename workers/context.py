@@ -10,6 +10,7 @@ import httpx
 from sqlalchemy import Engine
 
 from app import catalog as catalog_module
+from app import urls
 from app import storage as storage_module
 from app.catalog import Catalog, Provider
 from app.db import make_engine
@@ -25,6 +26,8 @@ class WorkerContext:
     catalog: Catalog
     storage: storage_module.LocalStorage
     http: httpx.Client
+    # For user-supplied URLs (webhooks, reference images): connects only to public addresses.
+    outbound: httpx.Client
     _backends: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -48,6 +51,8 @@ class WorkerContext:
                                     max_keepalive_connections=settings.worker_concurrency),
                 follow_redirects=False,
             ),
+            outbound=urls.outbound_client(settings.allow_private_urls, timeout=settings.webhook_timeout,
+                                          max_connections=settings.worker_concurrency + 20),
         )
 
 

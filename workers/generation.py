@@ -57,7 +57,7 @@ def _generate(ctx: WorkerContext, task: dict) -> list[str]:
     if model is None:
         raise PermanentError("model_unavailable", f"The model {task['model']!r} is no longer offered.")
     width, height = dimensions(task["size"], task["resolution"])
-    refs = references.resolve(task["image_urls"] or [], ctx.http, ctx.settings.max_reference_bytes)
+    refs = references.resolve(task["image_urls"] or [], ctx.outbound, ctx.settings.max_reference_bytes)
     job = ImageJob(task["prompt"], task["size"], task["resolution"], width, height, model.upstream_model, refs)
     backend = ctx.backend(model.provider)
     images = _with_retries(ctx, task["id"], lambda: backend.generate(job))

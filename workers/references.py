@@ -1,12 +1,18 @@
-"""Reference images for image-to-image: data URIs decoded, URLs downloaded with caps, all verified."""
+"""Reference images for image-to-image: data URIs decoded, URLs downloaded with caps, all verified.
+
+Downloads go through the outbound client (app.urls.outbound_client), which connects only
+to public addresses; every redirect hop is a new request, so it is checked again.
+"""
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urljoin
 
 import httpx
 
 from app.errors import APIError
+from app.urls import BlockedAddress
 from app.images.validation import decode_data_uri, verify_image
 from workers.backends.base import PermanentError, Reference, TransientError
 
@@ -15,6 +21,7 @@ FETCH_TIMEOUT = 20.0
 
 
 def _download(http: httpx.Client, url: str, max_bytes: int, param: str) -> bytes:
+    deadline = time.monotonic() + FETCH_TIMEOUT  # in total, so a slow trickle cannot hold a worker
     for _ in range(MAX_REDIRECTS + 1):
         try:
             with http.stream("GET", url, timeout=FETCH_TIMEOUT, follow_redirects=False) as response:
@@ -29,6 +36,9 @@ def _download(http: httpx.Client, url: str, max_bytes: int, param: str) -> bytes
                     raise error("bad_reference_image", f"{param}: download answered {response.status_code}.")
                 chunks, total = [], 0
                 for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise TransientError("bad_reference_image",
+                                             f"{param}: download took longer than {FETCH_TIMEOUT:g}s.")
                     total += len(chunk)
                     if total > max_bytes:
                         raise PermanentError("bad_reference_image",
@@ -36,6 +46,9 @@ def _download(http: httpx.Client, url: str, max_bytes: int, param: str) -> bytes
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.HTTPError as exc:
+            if isinstance(exc.__cause__, BlockedAddress):
+                raise PermanentError("bad_reference_image",
+                                     f"{param} leads to a private or reserved address.") from None
             raise TransientError("bad_reference_image", f"{param}: download failed ({type(exc).__name__}).") from None
     raise PermanentError("bad_reference_image", f"{param}: too many redirects.")
 

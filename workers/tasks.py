@@ -6,8 +6,9 @@ import logging
 
 from app import dispatch
 from app.images import lifecycle
-from workers import generation
-from workers.celery_app import GENERATE, SWEEP, celery, publisher
+from app.webhooks import service as webhook_service
+from workers import generation, webhooks
+from workers.celery_app import DELIVER, GENERATE, SWEEP, celery, publisher
 from workers.context import get_context
 
 log = logging.getLogger(__name__)
@@ -18,9 +19,19 @@ def generate_image(task_id: str) -> str:
     return generation.run(get_context(), task_id)
 
 
+def _deliver_later(delivery_id: str, countdown: float) -> None:
+    celery.send_task(DELIVER, args=[delivery_id], countdown=countdown)
+
+
+@celery.task(name=DELIVER, acks_late=True, ignore_result=True)
+def deliver_webhook(delivery_id: str) -> str:
+    return webhooks.deliver(get_context(), delivery_id, publish_later=_deliver_later)
+
+
 @celery.task(name=SWEEP, ignore_result=True)
 def sweep() -> dict:
-    """Periodic repair: tasks whose worker died, and pending tasks whose wake-up was lost."""
+    """Periodic repair: tasks whose worker died, pending tasks whose wake-up was lost, and
+    webhook deliveries that are due (a retry, a lost wake-up, or a worker that died mid-attempt)."""
     ctx = get_context()
     with ctx.engine.begin() as conn:
         requeued, failed = lifecycle.recover_expired(conn, ctx.settings.task_max_attempts)
@@ -29,6 +40,10 @@ def sweep() -> dict:
 
         events.task_ended(ctx, task_id)
     dispatched = dispatch.dispatch(ctx.engine, publisher(celery), stale_after=ctx.settings.redispatch_after)
-    if requeued or failed or dispatched:
-        log.info("sweep: requeued %d, failed %d, dispatched %d", len(requeued), len(failed), dispatched)
-    return {"requeued": len(requeued), "failed": len(failed), "dispatched": dispatched}
+    webhooks_due = webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
+                                            stale_after=ctx.settings.redispatch_after)
+    if requeued or failed or dispatched or webhooks_due:
+        log.info("sweep: requeued %d, failed %d, dispatched %d, webhooks %d",
+                 len(requeued), len(failed), dispatched, webhooks_due)
+    return {"requeued": len(requeued), "failed": len(failed), "dispatched": dispatched,
+            "webhooks": webhooks_due}

@@ -7,6 +7,8 @@
 
 A refund is written in the same transaction as the transition that causes it,
 and the ledger's unique (kind, reference) makes a second refund impossible.
+So is the task's webhook event (app.webhooks.service.record_event): a task that
+ended always has its event queued, whatever crashes next.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sqlalchemy import Connection, select, update
 
 from app import ledger
 from app.models import ImageTask, utcnow
+from app.webhooks import service as webhooks
 
 
 def claim(conn: Connection, task_id: str, lease_seconds: int) -> dict | None:
@@ -42,10 +45,13 @@ def extend_lease(conn: Connection, task_id: str, lease_seconds: int) -> bool:
 
 def complete(conn: Connection, task_id: str, urls: list[str]) -> bool:
     now = utcnow()
-    return conn.execute(
+    won = conn.execute(
         update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing")
         .values(status="completed", result_urls=urls, updated_at=now, finished_at=now, lease_expires_at=None)
     ).rowcount == 1
+    if won:
+        webhooks.record_event(conn, task_id)
+    return won
 
 
 def _end_with_refund(conn: Connection, task_id: str, from_status: tuple[str, ...], status: str,
@@ -60,6 +66,7 @@ def _end_with_refund(conn: Connection, task_id: str, from_status: tuple[str, ...
     if row is None:
         return False
     ledger.refund(conn, row.account_id, row.charge, reference=task_id, note=f"{status}: {code}")
+    webhooks.record_event(conn, task_id)
     return True
 
 

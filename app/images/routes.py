@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import logging
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app import ledger
+from app import ledger, urls
 from app.auth import require
 from app.db import run
 from app.errors import APIError, insufficient_balance, invalid, not_found
 from app.images import service, validation
 
+log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024 * 1024
+MAX_WAIT = 60
+MAX_KEY_LENGTH = 255
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY) -> object:
@@ -32,21 +38,124 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY) -> object:
         raise invalid(None, "The request body is not valid JSON.", "invalid_json") from None
 
 
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+        raise invalid("Idempotency-Key", f"'Idempotency-Key' must be 1 to {MAX_KEY_LENGTH} printable ASCII "
+                                         "characters.")
+    return key
+
+
+def request_hash(body: object) -> str:
+    """The body's identity for idempotency: key order and whitespace don't matter, values do."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def preferred_wait(request: Request) -> int | None:
+    """Seconds from `Prefer: wait=N` (RFC 7240), at most MAX_WAIT; None without one."""
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.split(";")[0].strip().partition("=")
+            if name.strip().lower() == "wait":
+                value = value.strip().strip('"')
+                if not value.isdigit():
+                    raise invalid("Prefer", "'Prefer: wait=N' takes a whole number of seconds.")
+                return min(int(value), MAX_WAIT)
+    return None
+
+
+async def wait_until_finished(engine, account_id: int, task_id: str, seconds: float) -> dict | None:
+    """Poll the task row (one indexed read each time, short sleeps on the event loop) until it
+    ends or `seconds` pass; the finished task, or None."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    delay = 0.05
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return None
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.5)
+        async with engine.connect() as conn:
+            task = await conn.run_sync(service.get, account_id, task_id)
+        if task is not None and task["status"] in service.TERMINAL:
+            return task
+
+
 async def create_generation(request: Request) -> JSONResponse:
     principal = await require(request)
     state = request.app.state
+    key = idempotency_key(request)
+    wait = preferred_wait(request)
     body = await read_json(request)
     parsed, data_uris = validation.parse(body, state.catalog)
+    if not state.settings.allow_private_urls:
+        await urls.check_public_urls(validation.outbound_urls(parsed))
     if data_uris:
         await run_in_threadpool(validation.verify_data_uris, parsed, data_uris, state.settings.max_reference_bytes)
+    replayed = False
     try:
-        task = await run(state.engine, service.submit, principal, parsed)
+        if key is None:
+            task = await run(state.engine, service.submit, principal, parsed)
+        else:
+            task, replayed = await run(state.engine, service.submit_once, principal, parsed, key,
+                                       request_hash(body))
     except ledger.InsufficientBalance:
         raise insufficient_balance(
             f"Your balance is too low for {parsed.model.name} at {parsed.resolution}. Top up and try again."
         ) from None
-    state.relay.wake()  # after the commit: the relay hands the task to a worker
-    return JSONResponse(task, status_code=202)
+    if not replayed:
+        state.relay.wake()  # after the commit: the relay hands the task to a worker
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait}"
+        finished = await wait_until_finished(state.engine, principal.account_id, task["task_id"], wait)
+        if finished is not None:
+            return JSONResponse(finished, status_code=200, headers=headers)
+    return JSONResponse(task, status_code=202, headers=headers)
+
+
+async def list_tasks(request: Request) -> JSONResponse:
+    principal = await require(request)
+    params = request.query_params
+    statuses = tuple(s.strip() for s in params.get("status", "").split(",") if s.strip())
+    for status in statuses:
+        if status not in service.STATUSES:
+            raise invalid("status", f"'status' must be one or more of: {', '.join(service.STATUSES)}.")
+    limit = params.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise invalid("limit", "'limit' must be a whole number from 1 to 100.")
+    async with request.app.state.engine.connect() as conn:
+        page = await conn.run_sync(service.list_tasks, principal.account_id, statuses=statuses, limit=int(limit),
+                                   cursor=params.get("cursor") or None)
+    return JSONResponse(page)
+
+
+async def cancel_task(request: Request) -> JSONResponse:
+    principal = await require(request)
+    state = request.app.state
+    task_id = request.path_params["task_id"]
+    task = await run(state.engine, service.cancel, principal.account_id, task_id)
+    if task is None:
+        raise not_found(f"No task {task_id!r} for this API key's account.", "task_not_found")
+    if task.get("webhook_url"):
+        await run_in_threadpool(wake_webhook, state, task_id)
+    return JSONResponse(task)
+
+
+def wake_webhook(state, task_id: str) -> None:
+    """After a commit that queued a task's webhook event: wake a worker to deliver it.
+    Delivery itself never runs here; if this publish fails, the sweep sends the wake-up."""
+    from app.webhooks import service as webhooks
+    from workers.celery_app import DELIVER, publisher
+
+    try:
+        webhooks.dispatch(state.sync_engine, publisher(state.celery, DELIVER), task_id=task_id)
+    except Exception:
+        log.exception("could not wake a worker for the webhook of %s; the sweep will", task_id)
 
 
 async def get_task(request: Request) -> JSONResponse:
@@ -60,5 +169,7 @@ async def get_task(request: Request) -> JSONResponse:
 
 routes = [
     Route("/v1/images/generations", create_generation, methods=["POST"]),
+    Route("/v1/tasks", list_tasks, methods=["GET"]),
     Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+    Route("/v1/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
 ]

@@ -2,42 +2,136 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from app import ledger, money
 from app.auth import Principal
+from app.errors import APIError, invalid
 from app.images.validation import GenerationRequest
 from app.models import ImageTask, utcnow
 
 TERMINAL = ("completed", "failed", "canceled")
+STATUSES = ("pending", "processing", *TERMINAL)
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 
 def new_task_id() -> str:
     return "media_" + secrets.token_hex(12)
 
 
-def submit(conn: Connection, principal: Principal, request: GenerationRequest) -> dict:
+def submit(conn: Connection, principal: Principal, request: GenerationRequest, *,
+           idempotency_key: str | None = None, request_hash: str | None = None) -> dict:
     """Debit the catalog price and create the pending task, in the caller's one transaction.
 
     Raises ledger.InsufficientBalance (nothing written) when the balance is short.
     The task row doubles as the outbox entry: the relay hands it to the broker
     after this transaction commits (dispatched_at is NULL until then).
+    The row is written before the debit so that, with an idempotency key, a racing
+    duplicate waits on the unique (account_id, idempotency_key) index, not on the balance.
     """
     task_id = new_task_id()
     charge = request.model.prices[request.resolution]
-    ledger.charge(conn, principal.account_id, charge, reference=task_id,
-                  note=f"image {request.model.name} {request.resolution}")
     now = utcnow()
     conn.execute(insert(ImageTask).values(
         id=task_id, account_id=principal.account_id, api_key_id=principal.key_id, model=request.model.name,
         prompt=request.prompt, size=request.size, resolution=request.resolution, n=request.n,
         image_urls=request.image_urls, webhook_url=request.webhook_url, charge=charge, status="pending",
-        created_at=now, updated_at=now,
+        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now, updated_at=now,
     ))
+    ledger.charge(conn, principal.account_id, charge, reference=task_id,
+                  note=f"image {request.model.name} {request.resolution}")
     return {"task_id": task_id, "status": "pending", "model": request.model.name, "charge": money.render(charge)}
+
+
+def _first_answer(task, request_hash: str) -> dict:
+    if task.request_hash != request_hash:
+        raise APIError(422, "This Idempotency-Key was already used with a different request body. "
+                            "Use a new key for a new request.", code="idempotency_key_reused",
+                       param="Idempotency-Key")
+    return {"task_id": task.id, "status": "pending", "model": task.model, "charge": money.render(task.charge)}
+
+
+def submit_once(conn: Connection, principal: Principal, request: GenerationRequest, idempotency_key: str,
+                request_hash: str) -> tuple[dict, bool]:
+    """`submit` keyed by the account's `idempotency_key`: (answer, replayed).
+
+    The same key and body within 24 hours returns the first answer without a second
+    charge, also when the requests race: the unique index admits one row, and the
+    loser (its savepoint rolled back, nothing charged) answers with the winner's task.
+    The same key with another body is a 422. An older key is released and used afresh.
+    """
+    def existing():
+        return conn.execute(
+            select(ImageTask.id, ImageTask.model, ImageTask.charge, ImageTask.request_hash, ImageTask.created_at)
+            .where(ImageTask.account_id == principal.account_id, ImageTask.idempotency_key == idempotency_key)
+        ).first()
+
+    found = existing()
+    if found is not None:
+        if found.created_at >= utcnow() - IDEMPOTENCY_WINDOW:
+            return _first_answer(found, request_hash), True
+        conn.execute(update(ImageTask).where(ImageTask.id == found.id).values(idempotency_key=None))
+    try:
+        with conn.begin_nested():
+            answer = submit(conn, principal, request, idempotency_key=idempotency_key, request_hash=request_hash)
+    except IntegrityError:
+        found = existing()
+        if found is None:  # not our key's conflict after all
+            raise
+        return _first_answer(found, request_hash), True
+    return answer, False
+
+
+def cancel(conn: Connection, account_id: int, task_id: str) -> dict | None:
+    """pending | processing -> canceled, refunded once (its webhook event queued in the same
+    transaction). None if not this account's task; 409 if it has already ended."""
+    from app.images import lifecycle
+
+    status = conn.execute(select(ImageTask.status).where(ImageTask.id == task_id,
+                                                          ImageTask.account_id == account_id)).scalar()
+    if status is None:
+        return None
+    if not lifecycle.cancel(conn, task_id):
+        status = conn.execute(select(ImageTask.status).where(ImageTask.id == task_id)).scalar_one()
+        raise APIError(409, f"Task {task_id} has already ended ({status}); only pending or processing "
+                            "tasks can be canceled.", code="task_finished")
+    return get(conn, account_id, task_id)
+
+
+def _encode_cursor(created_at: datetime, task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{task_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        when, task_id = raw.split("|", 1)
+        return datetime.fromisoformat(when), task_id
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("cursor", "'cursor' is not a cursor this API returned.") from None
+
+
+def list_tasks(conn: Connection, account_id: int, *, statuses: tuple[str, ...] = (), limit: int = 20,
+               cursor: str | None = None) -> dict:
+    """The account's tasks, newest first: {"data", "has_more", "next_cursor"} (pass it back as `cursor`)."""
+    stmt = select(ImageTask).where(ImageTask.account_id == account_id)
+    if statuses:
+        stmt = stmt.where(ImageTask.status.in_(statuses))
+    if cursor:
+        created_at, task_id = _decode_cursor(cursor)
+        stmt = stmt.where(or_(ImageTask.created_at < created_at,
+                              and_(ImageTask.created_at == created_at, ImageTask.id < task_id)))
+    rows = conn.execute(stmt.order_by(ImageTask.created_at.desc(), ImageTask.id.desc())
+                        .limit(limit + 1)).mappings().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"object": "list", "data": [render(row) for row in rows], "has_more": more,
+            "next_cursor": _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None}
 
 
 def get(conn: Connection, account_id: int, task_id: str) -> dict | None:

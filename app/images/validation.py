@@ -119,6 +119,14 @@ def parse(body: object, catalog: Catalog) -> tuple[GenerationRequest, list[int]]
     return request, data_uris
 
 
+def outbound_urls(request: GenerationRequest) -> list[tuple[str, str]]:
+    """(param, url) of every URL a worker will fetch or post to: the SSRF check's input."""
+    pairs = [(f"image_urls[{i}]", url) for i, url in enumerate(request.image_urls) if url[:5].lower() != "data:"]
+    if request.webhook_url:
+        pairs.append(("webhook_url", request.webhook_url))
+    return pairs
+
+
 def decode_data_uri(value: str, param: str, max_bytes: int) -> tuple[str, bytes]:
     """(mime type, bytes) of a base64 image data URI, or a 400 naming `param`."""
     match = _DATA_URI.match(value)

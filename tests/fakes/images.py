@@ -6,6 +6,7 @@ so tests running side by side don't step on each other:
     [status:500]   answer that status with the provider's error JSON
     [flaky:N]      answer 503 to the first N calls with this prompt, then succeed
     [sleep:S]      wait S seconds before answering
+    [hold:N]       wait (up to 60 s) until N calls are in flight at once, then go on
     [noimage]      a well-formed answer with no image in it
     [garbage]      an "image" that does not decode
     [blocked]      the provider refuses the prompt (content policy / promptFeedback)
@@ -76,6 +77,11 @@ class FakeImageUpstream:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            hold = _marker(prompt, "hold")
+            if hold:
+                deadline = asyncio.get_running_loop().time() + 60
+                while self.in_flight < int(hold) and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.05)
             sleep = _marker(prompt, "sleep")
             if sleep:
                 await asyncio.sleep(float(sleep))
@@ -103,9 +109,9 @@ class FakeImageUpstream:
         return await self._openai(body, [], request)
 
     async def openai_edits(self, request: Request) -> JSONResponse:
-        form = await request.form()
-        images = [await f.read() for f in form.getlist("image[]")]
-        body = {k: v for k, v in form.items() if isinstance(v, str)}
+        async with request.form() as form:
+            images = [await f.read() for f in form.getlist("image[]")]
+            body = {k: v for k, v in form.items() if isinstance(v, str)}
         return await self._openai(body, images, request)
 
     async def _openai(self, body: dict, images: list[bytes], request: Request) -> JSONResponse:

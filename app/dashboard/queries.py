@@ -1,0 +1,291 @@
+"""What the dashboard reads and writes. Sync functions on a `Connection`; the caller owns the transaction.
+
+Balances change only through app.ledger and keys through app.keys; this module
+reads the tables directly where no service function exists yet (spend by day,
+usage pages, the task gallery, webhook deliveries, the accounts list).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Iterator
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, and_, case, func, or_, select
+
+from app import ledger
+from app.models import Account, ApiKey, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
+
+CHART_DAYS = 30
+
+
+# -- accounts and sign-in -------------------------------------------------------------------------
+
+def login_account(conn: Connection, email: str) -> tuple[int, str | None] | None:
+    row = conn.execute(select(Account.id, Account.password_hash)
+                       .where(Account.email == email.strip().lower())).first()
+    return (row[0], row[1]) if row else None
+
+
+def session_account(conn: Connection, account_id: int) -> dict | None:
+    row = conn.execute(
+        select(Account.id, Account.email, Account.balance, Account.held, Account.is_admin, Account.password_hash)
+        .where(Account.id == account_id)
+    ).mappings().first()
+    return dict(row) if row else None
+
+
+# -- spend ----------------------------------------------------------------------------------------
+
+def day_starts(tz: ZoneInfo, now: datetime, days: int = CHART_DAYS) -> list[datetime]:
+    """UTC instants of local midnight for the last `days` days (oldest first) and of tomorrow."""
+    today = now.astimezone(tz).date()
+    first = today - timedelta(days=days - 1)
+    return [datetime.combine(first + timedelta(days=i), time(), tz).astimezone(timezone.utc)
+            for i in range(days + 1)]
+
+
+def _by_day(conn: Connection, column, model_col, amount, where: list, starts: list[datetime]) -> list[tuple]:
+    # The day index is computed by the database with one CASE over the local-midnight
+    # boundaries: portable (SQLite and PostgreSQL), right across DST, and only the
+    # aggregate (days x models rows) leaves the database.
+    # (Grouped in an outer query: PostgreSQL would not match a CASE repeated in GROUP BY
+    # with its own, differently numbered, parameters.)
+    bucket = case(*[(column < start, index) for index, start in enumerate(starts[1:])], else_=-1)
+    inner = (select(model_col.label("model"), bucket.label("day"), amount.label("amount"))
+             .where(*where, column >= starts[0], column < starts[-1]).subquery())
+    stmt = select(inner.c.model, inner.c.day, func.sum(inner.c.amount)).group_by(inner.c.model, inner.c.day)
+    return [(model, int(day), int(total or 0)) for model, day, total in conn.execute(stmt)]
+
+
+def spend(conn: Connection, account_id: int, tz: ZoneInfo, now: datetime) -> dict:
+    """Spend of the last 30 local days by day and model: LLM usage costs plus image task
+    charges that were not refunded (by the day the task was made)."""
+    starts = day_starts(tz, now)
+    rows = _by_day(conn, UsageRecord.created_at, UsageRecord.model, UsageRecord.cost,
+                   [UsageRecord.account_id == account_id], starts)
+    rows += _by_day(conn, ImageTask.created_at, ImageTask.model, ImageTask.charge,
+                    [ImageTask.account_id == account_id, ImageTask.refunded.is_(False)], starts)
+    days = [starts[i].astimezone(tz).date() for i in range(CHART_DAYS)]
+    series: dict[str, list[int]] = {}
+    for model, day, total in rows:
+        if 0 <= day < CHART_DAYS:
+            series.setdefault(model, [0] * CHART_DAYS)[day] += total
+    daily = [sum(values[i] for values in series.values()) for i in range(CHART_DAYS)]
+    return {"days": days, "series": series, "today": daily[-1], "week": sum(daily[-7:]), "month": sum(daily)}
+
+
+# -- API keys -------------------------------------------------------------------------------------
+
+def list_keys(conn: Connection, account_id: int) -> list[dict]:
+    rows = conn.execute(
+        select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.created_at, ApiKey.last_used_at, ApiKey.revoked_at)
+        .where(ApiKey.account_id == account_id)
+        .order_by(ApiKey.revoked_at.is_not(None), ApiKey.id.desc())
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
+# -- usage ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UsageFilter:
+    start: datetime | None = None  # inclusive, UTC
+    end: datetime | None = None  # exclusive, UTC
+    model: str | None = None
+    key_id: int | None = None
+
+    @classmethod
+    def from_params(cls, params, tz: ZoneInfo) -> tuple["UsageFilter", dict]:
+        """From query parameters `from`, `to` (local dates, inclusive), `model`, `key`.
+        Returns the filter and the cleaned values to show in the form."""
+        form = {"from": "", "to": "", "model": "", "key": ""}
+        start = end = None
+        key_id = None
+        try:
+            if params.get("from"):
+                day = date.fromisoformat(params["from"])
+                start, form["from"] = datetime.combine(day, time(), tz).astimezone(timezone.utc), day.isoformat()
+            if params.get("to"):
+                day = date.fromisoformat(params["to"])
+                end = datetime.combine(day + timedelta(days=1), time(), tz).astimezone(timezone.utc)
+                form["to"] = day.isoformat()
+        except ValueError:
+            pass  # a hand-edited URL with a bad date: show everything rather than an error
+        if (params.get("key") or "").isdigit():
+            key_id = int(params["key"])
+            form["key"] = str(key_id)
+        model = (params.get("model") or "").strip()[:100] or None
+        form["model"] = model or ""
+        return cls(start, end, model, key_id), form
+
+
+def _usage_conditions(account_id: int, flt: UsageFilter) -> list:
+    conds = [UsageRecord.account_id == account_id]
+    if flt.start:
+        conds.append(UsageRecord.created_at >= flt.start)
+    if flt.end:
+        conds.append(UsageRecord.created_at < flt.end)
+    if flt.model:
+        conds.append(UsageRecord.model == flt.model)
+    if flt.key_id is not None:
+        conds.append(UsageRecord.api_key_id == flt.key_id)
+    return conds
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), row_id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str | None) -> tuple[datetime, str] | None:
+    if not text:
+        return None
+    try:
+        created, row_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        return datetime.fromisoformat(created), str(row_id)
+    except (ValueError, TypeError):
+        return None
+
+
+def _before(created_col, id_col, cursor):
+    created, row_id = cursor
+    return or_(created_col < created, and_(created_col == created, id_col < row_id))
+
+
+def usage_page(conn: Connection, account_id: int, flt: UsageFilter, cursor: tuple[datetime, str] | None = None,
+               limit: int = 50) -> tuple[list[dict], str | None]:
+    """One page of usage records, newest first, and the cursor of the next (older) page."""
+    stmt = (select(UsageRecord, ApiKey.name.label("key_name"), ApiKey.prefix.label("key_prefix"))
+            .outerjoin(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+            .where(*_usage_conditions(account_id, flt))
+            .order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit + 1))
+    if cursor:
+        stmt = stmt.where(_before(UsageRecord.created_at, UsageRecord.id, cursor))
+    rows = [dict(row) for row in conn.execute(stmt).mappings()]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+    return rows, next_cursor
+
+
+def usage_batches(engine, account_id: int, flt: UsageFilter, batch: int = 1000) -> Iterator[list[dict]]:
+    """Every matching usage record, newest first, one short read per `batch` rows, so an export
+    of a year of records holds one batch in memory and no transaction stays open."""
+    cursor = None
+    while True:
+        with engine.connect() as conn:
+            rows, next_cursor = usage_page(conn, account_id, flt, cursor, batch)
+        if rows:
+            yield rows
+        if next_cursor is None:
+            return
+        cursor = decode_cursor(next_cursor)
+
+
+# -- image tasks ----------------------------------------------------------------------------------
+
+def _deliveries(conn: Connection, task_ids: list[str]) -> dict[str, list[dict]]:
+    if not task_ids:
+        return {}
+    last_code = (select(WebhookAttempt.status_code).where(WebhookAttempt.delivery_id == WebhookDelivery.id)
+                 .order_by(WebhookAttempt.id.desc()).limit(1).scalar_subquery())
+    last_error = (select(WebhookAttempt.error).where(WebhookAttempt.delivery_id == WebhookDelivery.id)
+                  .order_by(WebhookAttempt.id.desc()).limit(1).scalar_subquery())
+    rows = conn.execute(
+        select(WebhookDelivery.id, WebhookDelivery.task_id, WebhookDelivery.event_type, WebhookDelivery.status,
+               WebhookDelivery.attempt_count, WebhookDelivery.next_attempt_at, WebhookDelivery.delivered_at,
+               WebhookDelivery.created_at, WebhookDelivery.url, last_code.label("last_status_code"),
+               last_error.label("last_error"))
+        .where(WebhookDelivery.task_id.in_(task_ids)).order_by(WebhookDelivery.created_at)
+    ).mappings()
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row["task_id"], []).append(dict(row))
+    return out
+
+
+def tasks_page(conn: Connection, account_id: int, status: str | None = None,
+               cursor: tuple[datetime, str] | None = None, limit: int = 24) -> tuple[list[dict], str | None]:
+    """One page of the account's image tasks, newest first, each with its webhook deliveries."""
+    stmt = (select(ImageTask).where(ImageTask.account_id == account_id)
+            .order_by(ImageTask.created_at.desc(), ImageTask.id.desc()).limit(limit + 1))
+    if status:
+        stmt = stmt.where(ImageTask.status == status)
+    if cursor:
+        stmt = stmt.where(_before(ImageTask.created_at, ImageTask.id, cursor))
+    rows = [dict(row) for row in conn.execute(stmt).mappings()]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+    deliveries = _deliveries(conn, [row["id"] for row in rows])
+    for row in rows:
+        row["deliveries"] = deliveries.get(row["id"], [])
+    return rows, next_cursor
+
+
+def task_detail(conn: Connection, account_id: int, task_id: str) -> dict | None:
+    """The task with its deliveries and every attempt, or None when it is not this account's."""
+    row = conn.execute(select(ImageTask).where(ImageTask.id == task_id, ImageTask.account_id == account_id)
+                       ).mappings().first()
+    if row is None:
+        return None
+    task = dict(row)
+    task["deliveries"] = _deliveries(conn, [task_id]).get(task_id, [])
+    ids = [d["id"] for d in task["deliveries"]]
+    attempts: dict[str, list[dict]] = {}
+    if ids:
+        for att in conn.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids))
+                                .order_by(WebhookAttempt.id)).mappings():
+            attempts.setdefault(att["delivery_id"], []).append(dict(att))
+    for delivery in task["deliveries"]:
+        delivery["attempts"] = attempts.get(delivery["id"], [])
+    return task
+
+
+def task_image_url(conn: Connection, account_id: int, task_id: str, index: int) -> str | None:
+    urls = conn.execute(select(ImageTask.result_urls).where(
+        ImageTask.id == task_id, ImageTask.account_id == account_id, ImageTask.status == "completed")).scalar()
+    return urls[index] if urls and 0 <= index < len(urls) else None
+
+
+def recent_deliveries(conn: Connection, account_id: int, limit: int = 20) -> list[dict]:
+    ids = list(conn.execute(select(WebhookDelivery.task_id).where(WebhookDelivery.account_id == account_id)
+                            .order_by(WebhookDelivery.created_at.desc()).limit(limit)).scalars())
+    rows = [d for task in _deliveries(conn, list(dict.fromkeys(ids))).values() for d in task]
+    return sorted(rows, key=lambda d: d["created_at"], reverse=True)[:limit]
+
+
+# -- admin ----------------------------------------------------------------------------------------
+
+def top_up(conn: Connection, account_id: int, amount: int, note: str) -> bool:
+    """An admin's top-up through the ledger (a `topup` row with the note); False if no such account."""
+    if conn.execute(select(Account.id).where(Account.id == account_id)).first() is None:
+        return False
+    ledger.top_up(conn, account_id, amount, note)
+    return True
+
+
+def list_accounts(conn: Connection, search: str = "", limit: int = 200) -> list[dict]:
+    keys = (select(func.count()).where(ApiKey.account_id == Account.id, ApiKey.revoked_at.is_(None))
+            .scalar_subquery())
+    stmt = (select(Account.id, Account.email, Account.balance, Account.held, Account.is_admin,
+                   Account.password_hash.is_not(None).label("has_password"), Account.created_at,
+                   keys.label("live_keys"))
+            .order_by(Account.email).limit(limit))
+    if search:
+        stmt = stmt.where(Account.email.contains(search.strip().lower(), autoescape=True))
+    return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+def overview(conn: Connection, account_id: int, tz: ZoneInfo, now: datetime) -> dict:
+    """The overview page: spend by day and model, the latest requests and tasks."""
+    return {
+        "spend": spend(conn, account_id, tz, now),
+        "recent_usage": usage_page(conn, account_id, UsageFilter(), limit=8)[0],
+        "recent_tasks": tasks_page(conn, account_id, limit=6)[0],
+    }

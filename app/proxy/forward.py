@@ -1,0 +1,154 @@
+"""Forward a prepared call upstream and stream the answer back byte for byte, metering as it passes.
+
+`ProxyResponse` is an ASGI response: it makes the upstream request when the
+server runs it, so it can watch the client's connection the whole time. A
+client that goes away cancels the upstream request at once, whether the
+gateway is waiting for the upstream's headers or in the middle of a stream.
+
+Nothing here waits on the database: the finished call goes to the usage
+recorder, which settles the hold and writes the record in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from app.errors import APIError
+from app.proxy import upstream
+from app.proxy.calls import Call
+from app.proxy.gateway import LLMGateway
+from app.proxy.recorder import Entry
+from app.proxy.usage import cost, from_body, meter_for, normalize
+
+log = logging.getLogger(__name__)
+
+
+class ProxyResponse:
+    def __init__(self, call: Call, gateway: LLMGateway, family: str):
+        self.call = call
+        self.gateway = gateway
+        self.family = family  # the error shape of the gateway's own errors
+        self.status: int | None = None
+        self.raw_usage: dict | None = None
+        self.ttfb: float | None = None
+        self.done = False
+        self.disconnected = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        task = asyncio.current_task()
+        watcher = asyncio.ensure_future(self._watch(receive, task))
+        try:
+            await self._forward(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.disconnected:
+                raise
+            task.uncancel()  # our own cancellation: the client left, which is not an error
+        finally:
+            self.done = True
+            watcher.cancel()
+            self._record()
+
+    async def _watch(self, receive, task: asyncio.Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.done:
+            self.disconnected = True
+            task.cancel()
+
+    async def _forward(self, scope, receive, send) -> None:
+        call = self.call
+        session = self.gateway.session(call.model.provider)
+        response = None
+        try:
+            response = await session.post(call.url, data=call.body, headers=call.headers)
+            self.status = response.status
+            headers = upstream.response_headers(response.raw_headers, call.id)
+            if call.stream and 200 <= response.status < 300 and (
+                    call.api == "gemini" or b"event-stream" in response.headers.get("content-type", "").encode()):
+                await self._stream(response, headers, send)
+            else:
+                body = await response.read()
+                await self._whole(response.status, headers, body, send)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            if self.done or self.ttfb is not None:
+                raise
+            # Nothing was sent yet: answer with the gateway's own error, in the client's format.
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            log.warning("upstream %s for %s failed before answering: %r", call.model.provider.name, call.id, exc)
+            self.status = None
+            error = APIError(504 if timed_out else 502,
+                             "The upstream provider " + ("did not answer in time" if timed_out else
+                                                         "could not be reached or broke off") +
+                             "; nothing was charged.", code="upstream_timeout" if timed_out else "upstream_error")
+            self.done = True
+            await error.response(self.family)(scope, receive, send)
+        finally:
+            if response is not None:
+                if self.done and not self.disconnected:
+                    response.release()
+                else:
+                    response.close()  # half read: the connection can't be reused
+
+    async def _whole(self, status: int, headers: list, body: bytes, send) -> None:
+        if 200 <= status < 300:
+            self.raw_usage = from_body(self.call.api, body)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        self.ttfb = time.perf_counter()
+        self.done = True
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, response: aiohttp.ClientResponse, headers: list, send) -> None:
+        call = self.call
+        meter = meter_for(call.api, strip=call.strip_usage, sse=call.sse)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        strip = call.strip_usage
+        message = {"type": "http.response.body", "body": b"", "more_body": True}
+        try:
+            async for chunk in response.content.iter_any():
+                if self.ttfb is None:
+                    self.ttfb = time.perf_counter()
+                if strip:
+                    chunk = meter.filter(chunk)
+                    if not chunk:
+                        continue
+                message["body"] = chunk
+                await send(message)
+                if not strip:
+                    meter.feed(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # The upstream broke off mid-stream. Charge what it reported so far and end the
+            # client's response the same way (no final chunk), so its SDK raises too.
+            meter.finish()
+            self.raw_usage = meter.raw
+            log.warning("upstream %s broke off the stream of %s: %r", call.model.provider.name, call.id, exc)
+            return
+        finally:
+            self.raw_usage = meter.raw
+        tail = meter.flush() if strip else b""
+        if not strip:
+            meter.finish()
+        self.raw_usage = meter.raw
+        self.done = True
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _record(self) -> None:
+        call = self.call
+        raw = self.raw_usage
+        usage = normalize(call.api, raw) if raw is not None else None
+        ended = time.perf_counter()
+        self.gateway.recorder.record(Entry(
+            id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
+            model=call.model.name, api_format=call.api, stream=call.stream,
+            input_tokens=usage.input_tokens if usage else 0, output_tokens=usage.output_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            reasoning_tokens=usage.reasoning_tokens if usage else 0,
+            usage_reported=usage is not None, cost=cost(call.model, usage) if usage else 0,
+            upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
+            ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
+            client_disconnected=self.disconnected, created_at=call.created_at, held=call.held,
+        ))

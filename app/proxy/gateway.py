@@ -1,0 +1,61 @@
+"""The LLM passthrough's long-lived parts: one connection pool per upstream, and the usage recorder.
+
+Made and closed by the app's lifespan; handlers reach it as `app.state.llm`.
+aiohttp's client serves the hot path: measured against httpx.AsyncClient on
+this machine (see bench/proxy.py and the README) it passed several times the
+requests per second through the same Starlette handler.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.catalog import Catalog, CatalogError, Provider
+from app.proxy.recorder import UsageRecorder
+
+LLM_APIS = ("chat", "responses", "messages", "gemini")
+FORMAT_OF_API = {"chat": "openai", "responses": "openai", "messages": "anthropic", "gemini": "gemini"}
+CONNECT_TIMEOUT = 15.0
+# Longest silence allowed between two reads from an upstream (a model thinking
+# before its first token); a provider's `timeout` in the catalog overrides it.
+READ_TIMEOUT = 600.0
+
+
+def check(catalog: Catalog) -> None:
+    """Each LLM model's provider must speak its route's format."""
+    for model in catalog.of_api(*LLM_APIS):
+        wanted = FORMAT_OF_API[model.api]
+        if model.provider.format != wanted:
+            raise CatalogError(f"model {model.name!r}: api {model.api!r} needs a provider of format {wanted!r}, "
+                               f"but {model.provider.name!r} is {model.provider.format!r}")
+
+
+class LLMGateway:
+    def __init__(self, engine: AsyncEngine, catalog: Catalog):
+        check(catalog)
+        self.catalog = catalog
+        self.recorder = UsageRecorder(engine)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(self) -> None:
+        for model in self.catalog.of_api(*LLM_APIS):
+            provider = model.provider
+            if provider.name not in self._sessions:
+                self._sessions[provider.name] = _session(provider)
+        self.recorder.start()
+
+    def session(self, provider: Provider) -> aiohttp.ClientSession:
+        return self._sessions[provider.name]
+
+    async def stop(self) -> None:
+        await self.recorder.stop()
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def _session(provider: Provider) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=provider.timeout or READ_TIMEOUT)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, raise_for_status=False)

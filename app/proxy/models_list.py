@@ -1,0 +1,46 @@
+"""The catalog's LLM models as each family's own models list."""
+
+from __future__ import annotations
+
+from app.catalog import Model
+
+# The catalog has no release dates; a fixed, plainly placeholder time keeps the lists stable.
+EPOCH = 0
+EPOCH_ISO = "1970-01-01T00:00:00Z"
+
+
+def openai(models: list[Model]) -> dict:
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": EPOCH, "owned_by": m.provider.name} for m in models]}
+
+
+def anthropic(models: list[Model], *, limit: int = 20, after_id: str | None = None,
+              before_id: str | None = None) -> dict:
+    """Anthropic's paged list (`data`, `has_more`, `first_id`, `last_id`)."""
+    ids = [m.name for m in models]
+    start, end = 0, len(models)
+    if after_id in ids:
+        start = ids.index(after_id) + 1
+    if before_id in ids:
+        end = ids.index(before_id)
+        start = max(start, end - limit) if after_id is None else start
+    page = models[start:min(end, start + limit)]
+    data = [{"type": "model", "id": m.name, "display_name": m.description or m.name, "created_at": EPOCH_ISO,
+             "lifecycle": "active", "max_tokens": m.max_output_tokens} for m in page]
+    more = start + len(page) < end if before_id is None else start > 0
+    return {"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def gemini(models: list[Model], *, page_size: int = 50, page_token: str | None = None) -> dict:
+    """Gemini's list (`models`, `nextPageToken`); the page token is the index to start at."""
+    start = int(page_token) if page_token and page_token.isdigit() else 0
+    page = models[start:start + page_size]
+    body: dict = {"models": [{
+        "name": f"models/{m.name}", "baseModelId": m.name, "version": "001", "displayName": m.name,
+        "description": m.description, "outputTokenLimit": m.max_output_tokens,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+    } for m in page]}
+    if start + page_size < len(models):
+        body["nextPageToken"] = str(start + page_size)
+    return body

@@ -1,0 +1,140 @@
+"""Reading usage records: an account's, newest first, filtered, by cursor pages, as JSON rows or CSV.
+
+Sync functions on a `Connection`; the routes (and the dashboard) run them.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+
+from sqlalchemy import Connection, and_, or_, select
+
+from app import money
+from app.errors import invalid
+from app.keys import DISPLAY_CHARS
+from app.models import ApiKey, UsageRecord
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 50
+# The CSV's columns, in order; each is the same-named field of a JSON row.
+COLUMNS = ("id", "created_at", "model", "api_format", "stream", "input_tokens", "output_tokens", "cached_tokens",
+           "reasoning_tokens", "usage_reported", "cost", "upstream_status", "latency_ms", "ttfb_ms",
+           "client_disconnected", "key_id", "key_prefix")
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    model: str | None = None
+    key_id: int | None = None
+    key_prefix: str | None = None
+
+
+def _when(value: str, param: str, *, end: bool) -> datetime:
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            moment = datetime.combine(day + timedelta(days=1) if end else day, time(), tzinfo=timezone.utc)
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            if end:
+                moment += timedelta(microseconds=1)  # a moment given as `to` is included
+    except ValueError:
+        raise invalid(param, f"{param}: expected a date (2025-01-31) or an ISO 8601 time, got {value!r}.") from None
+    return moment
+
+
+def parse_filters(params) -> Filters:
+    """`from`, `to` (dates include the whole day), `model`, `key` (an id or a key's prefix)."""
+    key = params.get("key") or None
+    key_id = key_prefix = None
+    if key is not None:
+        if key.isdigit():
+            key_id = int(key)
+        else:
+            key_prefix = key[:DISPLAY_CHARS]
+    return Filters(
+        since=_when(params["from"], "from", end=False) if params.get("from") else None,
+        until=_when(params["to"], "to", end=True) if params.get("to") else None,
+        model=params.get("model") or None, key_id=key_id, key_prefix=key_prefix,
+    )
+
+
+def parse_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise invalid("limit", f"limit: a whole number from 1 to {MAX_LIMIT}.")
+    return int(value)
+
+
+def encode_cursor(created_at: datetime, record_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{record_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, record_id = raw.split("|", 1)
+        return datetime.fromisoformat(moment), record_id
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("cursor", "cursor: not a cursor this API gave out.") from None
+
+
+def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | None = None,
+         limit: int = DEFAULT_LIMIT) -> tuple[list[dict], str | None]:
+    """Up to `limit` rows newest first, and the cursor of the next page (None at the end)."""
+    stmt = (select(UsageRecord, ApiKey.prefix)
+            .outerjoin(ApiKey, ApiKey.id == UsageRecord.api_key_id)
+            .where(UsageRecord.account_id == account_id))
+    if filters.since:
+        stmt = stmt.where(UsageRecord.created_at >= filters.since)
+    if filters.until:
+        stmt = stmt.where(UsageRecord.created_at < filters.until)
+    if filters.model:
+        stmt = stmt.where(UsageRecord.model == filters.model)
+    if filters.key_id is not None:
+        stmt = stmt.where(UsageRecord.api_key_id == filters.key_id)
+    if filters.key_prefix:
+        stmt = stmt.where(ApiKey.prefix == filters.key_prefix)
+    if cursor:
+        moment, record_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(UsageRecord.created_at < moment,
+                              and_(UsageRecord.created_at == moment, UsageRecord.id < record_id)))
+    stmt = stmt.order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit + 1)
+    found = conn.execute(stmt).all()
+    rows = [_row(record, prefix) for record, prefix in found[:limit]]
+    last = found[limit - 1][0] if len(found) > limit else None
+    return rows, encode_cursor(last.created_at, last.id) if last is not None else None
+
+
+def _row(record: UsageRecord, prefix: str | None) -> dict:
+    return {
+        "id": record.id, "created_at": record.created_at.isoformat().replace("+00:00", "Z"),
+        "model": record.model, "api_format": record.api_format, "stream": record.stream,
+        "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
+        "cached_tokens": record.cached_tokens, "reasoning_tokens": record.reasoning_tokens,
+        "usage_reported": record.usage_reported,
+        # Full precision: one call often costs less than the 5-decimal balance unit.
+        "cost": f"{money.to_decimal(record.cost):.9f}",
+        "upstream_status": record.upstream_status, "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
+        "client_disconnected": record.client_disconnected, "key_id": record.api_key_id, "key_prefix": prefix,
+    }
+
+
+def csv_text(rows: list[dict], *, header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if header:
+        writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else str(row[c]).lower() if isinstance(row[c], bool) else row[c]
+                         for c in COLUMNS])
+    return out.getvalue()

@@ -1,0 +1,136 @@
+"""LLM passthrough routes: prepare the call (auth, model, hold), hand it to the forwarding response.
+
+Every route is also mounted under /llm-api. Paths match the hosted service's,
+so the documented Hermes Agent and OpenClaw base URLs work unchanged.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from app.auth import require
+from app.errors import family_for
+from app.proxy import calls, models_list, records
+from app.proxy.forward import ProxyResponse
+from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
+
+
+async def _proxy(request: Request, api: str, version: str = "v1beta") -> ProxyResponse:
+    call = await calls.prepare(request, api, version=version)
+    return ProxyResponse(call, request.app.state.llm, family_for(request.url.path, request.headers))
+
+
+async def chat_completions(request: Request) -> ProxyResponse:
+    return await _proxy(request, CHAT)
+
+
+async def responses(request: Request) -> ProxyResponse:
+    return await _proxy(request, RESPONSES)
+
+
+async def messages(request: Request) -> ProxyResponse:
+    return await _proxy(request, MESSAGES)
+
+
+async def gemini_v1beta(request: Request) -> ProxyResponse:
+    return await _proxy(request, GEMINI, "v1beta")
+
+
+async def gemini_v1(request: Request) -> ProxyResponse:
+    return await _proxy(request, GEMINI, "v1")
+
+
+def _models(request: Request, *apis: str) -> list:
+    return request.app.state.catalog.of_api(*apis)
+
+
+async def _anthropic_models(request: Request) -> JSONResponse:
+    await require(request)
+    params = request.query_params
+    limit = params.get("limit", "20")
+    return JSONResponse(models_list.anthropic(
+        _models(request, MESSAGES), limit=min(int(limit), 1000) if limit.isdigit() and int(limit) > 0 else 20,
+        after_id=params.get("after_id"), before_id=params.get("before_id")))
+
+
+async def _gemini_models(request: Request) -> JSONResponse:
+    await require(request, google=True)
+    size = request.query_params.get("pageSize", "50")
+    return JSONResponse(models_list.gemini(
+        _models(request, GEMINI), page_size=min(int(size), 1000) if size.isdigit() and int(size) > 0 else 50,
+        page_token=request.query_params.get("pageToken")))
+
+
+async def list_models(request: Request) -> JSONResponse:
+    """GET /v1/models: chat models; Anthropic's list for Anthropic clients, Gemini's for Google's."""
+    if "anthropic-version" in request.headers:
+        return await _anthropic_models(request)
+    if "x-goog-api-key" in request.headers or "key" in request.query_params:
+        return await _gemini_models(request)
+    await require(request)
+    return JSONResponse(models_list.openai(_models(request, CHAT)))
+
+
+async def list_responses_models(request: Request) -> JSONResponse:
+    await require(request)
+    return JSONResponse(models_list.openai(_models(request, RESPONSES)))
+
+
+async def list_anthropic_models(request: Request) -> JSONResponse:
+    return await _anthropic_models(request)
+
+
+async def list_gemini_models(request: Request) -> JSONResponse:
+    return await _gemini_models(request)
+
+
+async def usage(request: Request):
+    """GET /v1/usage: the key's account's records, newest first; `?format=csv` streams them all."""
+    principal = await require(request)
+    params = request.query_params
+    filters = records.parse_filters(params)
+    engine = request.app.state.engine
+    if params.get("format") == "csv":
+        cursor = params.get("cursor")
+        if cursor:
+            records.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
+        return StreamingResponse(_csv(engine, principal.account_id, filters, cursor), media_type="text/csv",
+                                 headers={"content-disposition": 'attachment; filename="usage.csv"'})
+    limit = records.parse_limit(params.get("limit"))
+    async with engine.connect() as conn:
+        rows, next_cursor = await conn.run_sync(records.page, principal.account_id, filters,
+                                                cursor=params.get("cursor"), limit=limit)
+    return JSONResponse({"object": "list", "data": rows, "has_more": next_cursor is not None,
+                         "next_cursor": next_cursor})
+
+
+async def _csv(engine, account_id: int, filters: records.Filters, cursor: str | None):
+    """The CSV a page at a time, so a year of records never sits in memory."""
+    header = True
+    while True:
+        async with engine.connect() as conn:
+            rows, cursor = await conn.run_sync(records.page, account_id, filters, cursor=cursor,
+                                               limit=records.MAX_LIMIT)
+        yield records.csv_text(rows, header=header)
+        header = False
+        if cursor is None:
+            return
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/responses", responses, methods=["POST"]),
+    Route("/api.openai.com/v1/responses", responses, methods=["POST"]),
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/anthropic/v1/messages", messages, methods=["POST"]),
+    Route("/v1beta/models/{target:path}", gemini_v1beta, methods=["POST"]),
+    Route("/v1/models/{target:path}", gemini_v1, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/api.openai.com/v1/models", list_responses_models, methods=["GET"]),
+    Route("/anthropic/models", list_anthropic_models, methods=["GET"]),
+    Route("/anthropic/v1/models", list_anthropic_models, methods=["GET"]),
+    Route("/v1beta/models", list_gemini_models, methods=["GET"]),
+    Route("/v1/usage", usage, methods=["GET"]),
+]

@@ -1,0 +1,73 @@
+"""Where a call goes and which headers cross the gateway, each way.
+
+The client's `llm_` key never leaves: every credential header the client sent
+is dropped and the provider's key from the catalog is set the provider's way.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+from app.catalog import Provider
+
+ANTHROPIC_VERSION = "2023-06-01"  # sent when the client sends none (curl, some agents)
+
+# Not forwarded upstream: hop-by-hop headers, the client's credentials, what
+# aiohttp sets itself, and headers that name the client's own provider account.
+_DROP_REQUEST = frozenset({
+    "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect", "cookie",
+    "authorization", "x-api-key", "x-goog-api-key", "accept-encoding",
+    "openai-organization", "openai-project", "x-goog-user-project",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+})
+# Not passed back: hop-by-hop headers, framing the ASGI server redoes, headers
+# the server sets itself, and ones that identify the gateway's provider account.
+_DROP_RESPONSE = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding", b"date", b"server",
+    b"set-cookie", b"alt-svc", b"via", b"openai-organization", b"openai-project",
+    b"anthropic-organization-id", b"x-goog-user-project",
+})
+
+
+def url(provider: Provider, api: str, upstream_model: str, *, version: str = "v1beta", method: str = "",
+        query: list[tuple[str, str]] = ()) -> str:
+    """The upstream URL of a call; `query` is the client's, less its `key`."""
+    if api == "gemini":
+        target = f"{provider.base_url}/{version}/models/{quote(upstream_model, safe='')}:{method}"
+    elif api == "messages":
+        target = f"{provider.base_url}/v1/messages"
+    elif api == "responses":
+        target = f"{provider.base_url}/responses"
+    else:
+        target = f"{provider.base_url}/chat/completions"
+    params = [(k, v) for k, v in query if k != "key"]
+    return f"{target}?{urlencode(params)}" if params else target
+
+
+def request_headers(incoming: list[tuple[bytes, bytes]], provider: Provider) -> dict[str, str]:
+    """The client's headers as they go upstream, with the provider's credentials."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in incoming:
+        name = raw_name.decode("latin-1").lower()
+        if name not in _DROP_REQUEST:
+            headers[name] = raw_value.decode("latin-1")
+    # Identity: the bytes the client gets are the bytes the meter reads.
+    headers["accept-encoding"] = "identity"
+    key = provider.api_key or ""
+    if provider.format == "anthropic":
+        headers["x-api-key"] = key
+        headers.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    elif provider.format == "gemini":
+        headers["x-goog-api-key"] = key
+    else:
+        headers["authorization"] = f"Bearer {key}"
+    return headers
+
+
+def response_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers as they go back (content type, request ids, rate limits, ...)."""
+    out = [(name.lower(), value) for name, value in raw if name.lower() not in _DROP_RESPONSE]
+    out.append((b"x-mediagate-request-id", request_id.encode()))
+    return out

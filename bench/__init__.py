@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.submit`, `python -m bench.proxy`."""

@@ -1,0 +1,188 @@
+"""Benchmark the LLM passthrough: direct to a loopback fake upstream vs through mediagate.
+
+    python -m bench.proxy [--seconds 5] [--concurrency 32] [--chunks 20] [--compare-clients]
+                          [--database-url postgresql://user@host/db]
+
+One run starts, each in its own process under uvicorn with uvloop and httptools:
+the fake upstream (bench/llm_apps.py, a minimal OpenAI chat endpoint) and
+mediagate on a fresh SQLite database (or the PostgreSQL database given, which
+it migrates) with one funded account and key. It then drives each target with
+`--concurrency` clients for `--seconds` per scenario, a non-streaming and a
+streaming chat completion, and prints requests per second, p50 / p99 latency
+and the ratio through mediagate / direct. `--compare-clients` adds a bare
+Starlette passthrough on httpx.AsyncClient and one on aiohttp.ClientSession:
+the measurement the proxy's HTTP client was chosen by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b'{"model":"bench-chat","messages":[{"role":"user","content":"Say hello."}],"max_tokens":64%s}'
+TARGETS = {"direct": "", "mediagate": "/llm-api"}
+CATALOG = """
+[providers.bench]
+format = "openai"
+base_url = "{upstream}/v1"
+api_key = "sk-bench"
+
+[[models]]
+name = "bench-chat"
+provider = "bench"
+api = "chat"
+input_per_mtok = "0.15"
+output_per_mtok = "0.60"
+max_output_tokens = 4096
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(app: str, port: int, env: dict, *, factory: bool = False) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
+            "--http", "httptools", "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
+    proc = subprocess.Popen(argv + (["--factory"] if factory else []), cwd=ROOT, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"bench: {app} did not start on port {port}")
+
+
+def prepare_gateway(env: dict) -> str:
+    """Migrate the database and make a funded account; returns its API key."""
+    os.environ.update(env)
+    from app import accounts, keys, money
+    from app.db import make_engine
+    from app.migrations import upgrade
+    from app.settings import Settings
+
+    settings = Settings.from_env(env)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=1)
+    with engine.begin() as conn:
+        account_id = accounts.create(conn, f"bench-{os.getpid()}-{time.time_ns()}@example.com",
+                                     money.from_usd("1000000"))
+        key = keys.create(conn, account_id, "bench").key
+    engine.dispose()
+    return key
+
+
+async def drive(url: str, headers: dict, body: bytes, stream: bool, seconds: float, concurrency: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        stop_at = 0.0
+        began = float("inf")
+        measuring = False
+
+        async def worker():
+            nonlocal errors
+            while True:
+                started = time.perf_counter()
+                if started > stop_at and measuring:
+                    return
+                async with session.post(url, data=body, headers=headers) as response:
+                    if stream:
+                        async for _ in response.content.iter_any():
+                            pass
+                    else:
+                        await response.read()
+                    ok = response.status == 200
+                if began <= started <= stop_at:
+                    latencies.append(time.perf_counter() - started)
+                    errors += not ok
+
+        # One second of warm-up (connections, caches), then the measured window.
+        stop_at = time.perf_counter() + 1.0
+        warm = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        await asyncio.sleep(1.0)
+        measuring = True
+        began = time.perf_counter()
+        stop_at = began + seconds
+        await asyncio.gather(*warm)
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "p50": latencies[len(latencies) // 2] * 1000,
+            "p99": latencies[int(len(latencies) * 0.99)] * 1000, "n": len(latencies), "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
+    parser.add_argument("--compare-clients", action="store_true")
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="mediagate-bench-"))
+    up_port, gw_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    (tmp / "catalog.toml").write_text(CATALOG.format(upstream=upstream))
+    env = {**os.environ, "BENCH_CHUNKS": str(args.chunks), "BENCH_UPSTREAM": upstream,
+           "MEDIAGATE_DATA_DIR": str(tmp / "data"), "MEDIAGATE_CATALOG": str(tmp / "catalog.toml")}
+    env.pop("MEDIAGATE_BROKER_URL", None)
+    if args.database_url:
+        env["MEDIAGATE_DATABASE_URL"] = args.database_url
+    else:
+        env.pop("MEDIAGATE_DATABASE_URL", None)
+    key = prepare_gateway(env)
+    procs = [serve("bench.llm_apps:upstream", up_port, env),
+             serve("app.main:create_app", gw_port, env, factory=True)]
+    targets = {"direct": (up_port, ""), "mediagate": (gw_port, "/llm-api")}
+    if args.compare_clients:
+        for name in ("httpx", "aiohttp"):
+            port = free_port()
+            procs.append(serve(f"bench.llm_apps:bare_{name}", port, env, factory=True))
+            targets[f"bare-{name}"] = (port, "")
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    results: dict[tuple[str, str], dict] = {}
+    try:
+        for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
+            for name, (port, prefix) in targets.items():
+                url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
+                results[(mode, name)] = asyncio.run(drive(url, headers, BODY % extra, bool(extra), args.seconds,
+                                                          args.concurrency))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+    print(f"\nLLM passthrough benchmark: {os.cpu_count()} CPUs, concurrency {args.concurrency}, "
+          f"{args.seconds:g} s per scenario, {args.chunks} chunks per stream, "
+          f"database {'PostgreSQL' if args.database_url else 'SQLite'}\n")
+    print(f"{'scenario':<15} {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6}")
+    for (mode, name), r in results.items():
+        ratio = r["rps"] / results[(mode, "direct")]["rps"]
+        print(f"{mode:<15} {name:<13} {r['rps']:>8.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7} "
+              f"{ratio:>6.2f}")
+    print("\ntargets: mediagate >= 0.35 of direct non-streaming, >= 0.50 streaming")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Fixtures for the LLM passthrough: the fake upstreams on LLM_PORT and the gateway on a real loopback port."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import select
+
+from app.models import Account, LedgerEntry, UsageRecord
+from tests.conftest import LLM_PORT
+from tests.servers import ThreadedServer
+
+
+@pytest.fixture(scope="session")
+def llm_upstream():
+    from tests.fakes.llm import FakeLLMUpstream
+
+    fake = FakeLLMUpstream()
+    # "critical": the [drop] marker breaks connections on purpose, which uvicorn would log as errors.
+    with ThreadedServer(fake, port=LLM_PORT, log_level="critical", limit_concurrency=2000, backlog=2048):
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def gateway(database, llm_upstream):
+    """The app served by uvicorn on loopback, as SDKs and agents reach it."""
+    from app.main import create_app
+
+    with ThreadedServer(create_app(), log_level="critical", limit_concurrency=2000, backlog=2048) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def base(gateway) -> str:
+    return gateway.url + "/llm-api"
+
+
+def usage_rows(engine, account_id: int, count: int = 1, timeout: float = 10.0) -> list:
+    """The account's usage records, newest first, once at least `count` are written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(select(UsageRecord).where(UsageRecord.account_id == account_id)
+                                .order_by(UsageRecord.created_at.desc())).all()
+        if len(rows) >= count:
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(rows)} usage records for account {account_id}, expected {count}")
+        time.sleep(0.02)
+
+
+def money_state(engine, account_id: int) -> tuple[int, int, int]:
+    """(balance, held, sum of ledger rows) of an account."""
+    with engine.connect() as conn:
+        balance, held = conn.execute(select(Account.balance, Account.held).where(Account.id == account_id)).one()
+        total = sum(conn.execute(select(LedgerEntry.amount).where(LedgerEntry.account_id == account_id)).scalars())
+    return balance, held, total
