@@ -1,10 +1,11 @@
-"""The outbox relay: hands pending tasks to the broker after their transaction commits.
+"""The outbox: pending tasks are handed to the broker after their transaction commits.
 
-The task row is the outbox entry (`dispatched_at IS NULL`). A submit commits,
-then wakes the relay; the relay publishes a batch of wake-ups and marks them.
-If the process dies between the two, the sweep (workers.tasks) dispatches the
-task again later, and the worker's claim makes a duplicate message harmless.
-The broker publish never sits on a request's critical path.
+The task row is the outbox entry (`dispatched_at IS NULL`). A submit commits
+and wakes the web process's `Relay`, which wakes a worker; the worker's
+`dispatch` publishes one `images.generate` message per waiting task and marks
+them. If anything dies in between, the periodic sweep dispatches the task
+again, and the worker's claim makes a duplicate message harmless. No broker
+publish sits on a request's critical path.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from app.models import ImageTask, utcnow
 
 log = logging.getLogger(__name__)
 Publish = Callable[[list[str]], None]
+BATCH = 500
 
 
-def take_undispatched(conn: Connection, limit: int = 500, stale_after: float | None = None) -> list[str]:
+def take_undispatched(conn: Connection, limit: int = BATCH, stale_after: float | None = None) -> list[str]:
     """Lock and return pending task ids never dispatched (or, with `stale_after`, dispatched
     longer ago than that many seconds and still not claimed: a lost message)."""
     cond = ImageTask.dispatched_at.is_(None)
@@ -41,7 +43,7 @@ def mark_dispatched(conn: Connection, ids: Iterable[str]) -> None:
         conn.execute(update(ImageTask).where(ImageTask.id.in_(ids)).values(dispatched_at=utcnow()))
 
 
-def dispatch(engine: Engine, publish: Publish, *, limit: int = 500, stale_after: float | None = None) -> int:
+def dispatch(engine: Engine, publish: Publish, *, limit: int = BATCH, stale_after: float | None = None) -> int:
     """One relay pass: publish and mark up to `limit` tasks in one transaction; returns the count."""
     with engine.begin() as conn:
         ids = take_undispatched(conn, limit, stale_after)
@@ -52,13 +54,19 @@ def dispatch(engine: Engine, publish: Publish, *, limit: int = 500, stale_after:
 
 
 class Relay:
-    """A thread in each web process: wakes on `wake()` (after a submit commits) or every `interval`."""
+    """A thread in each web process that wakes a worker to dispatch, after submits commit.
 
-    def __init__(self, engine: Engine, publish: Publish, interval: float):
-        self._engine = engine
-        self._publish = publish
-        self._interval = interval
-        self._wake = threading.Event()
+    A submit only sets an event. This thread turns any number of those into one
+    `maintenance.dispatch` message at most every `min_gap` seconds; the worker that
+    takes it publishes the per-task messages (`dispatch` above). So a web process
+    pays one broker publish per batch, not per task, and the publishing cost
+    scales with the workers. A lost wake-up is made good by the sweep.
+    """
+
+    def __init__(self, wake_worker: Callable[[], None], min_gap: float = 0.02):
+        self._wake_worker = wake_worker
+        self._min_gap = min_gap
+        self._pending = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mediagate-relay", daemon=True)
 
@@ -66,20 +74,22 @@ class Relay:
         self._thread.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._pending.set()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._pending.set()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
+        while True:
+            self._pending.wait()
+            if self._stop.is_set():
+                return
+            self._pending.clear()
             try:
-                while dispatch(self._engine, self._publish) == 500 and not self._stop.is_set():
-                    pass
-            except Exception:  # the broker or database is away: the next pass or the sweep retries
-                log.exception("relay pass failed")
-                self._stop.wait(min(self._interval, 1.0))
+                self._wake_worker()
+            except Exception:  # the broker is away: the sweep dispatches what is waiting
+                log.exception("could not wake a worker to dispatch")
+                self._stop.wait(1.0)
+            self._stop.wait(self._min_gap)

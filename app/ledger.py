@@ -25,8 +25,9 @@ def _insert_once(conn: Connection, **values) -> bool:
     """Insert a ledger row unless one with the same (kind, reference) exists."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(LedgerEntry).values(created_at=utcnow(), **values)
-    stmt = stmt.on_conflict_do_nothing(index_elements=["kind", "reference"])
-    return conn.execute(stmt).rowcount == 1
+    stmt = stmt.on_conflict_do_nothing(index_elements=["kind", "reference"]).returning(LedgerEntry.id)
+    # RETURNING, not rowcount: psycopg 3 with SQLAlchemy 2.1 reports rowcount -1 for this statement.
+    return conn.execute(stmt).first() is not None
 
 
 def top_up(conn: Connection, account_id: int, amount: int, note: str = "") -> None:

@@ -48,16 +48,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        from workers.celery_app import make_celery, publisher
+        from workers.celery_app import dispatch_waker, make_celery
 
         state = app.state
-        state.engine = make_async_engine(settings.database_url)
+        state.engine = make_async_engine(settings.database_url, pool_size=settings.db_pool_size)
         state.sync_engine = make_engine(settings.database_url, pool_size=2)
         state.auth = auth.Authenticator(state.engine, settings.key_cache_seconds)
         state.celery = make_celery(settings)
-        state.relay = Relay(state.sync_engine, publisher(state.celery), settings.relay_interval)
+        state.relay = Relay(dispatch_waker(state.celery))
         state.relay.start()
-        state.llm = LLMGateway(state.engine, offered)  # upstream pools and the usage recorder
+        state.llm = LLMGateway(settings.database_url, offered)  # upstream pools, holds, usage recorder
         await state.llm.start()
         flusher = asyncio.create_task(_flush_key_use(app))
         try:

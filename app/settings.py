@@ -31,6 +31,9 @@ class Settings:
     broker_url: str | None  # None: the embedded broker (a folder under data_dir)
     catalog_path: Path | None
     public_url: str
+    # Connections per process (and as many again in overflow): keep the sum over all
+    # processes under PostgreSQL's max_connections.
+    db_pool_size: int = 10
     # Image workers
     worker_concurrency: int = 200
     backend_timeout: float = 120.0
@@ -38,8 +41,7 @@ class Settings:
     backend_retry_backoff: float = 1.0
     task_lease_seconds: int = 300
     task_max_attempts: int = 3
-    # Dispatch of pending tasks (the outbox relay) and the periodic sweep
-    relay_interval: float = 1.0
+    # The periodic sweep, and how long a dispatched task may wait unclaimed before it is sent again
     # The broker queue the web process publishes to and workers consume (one per deployment).
     queue: str = "mediagate"
     sweep_interval: float = 15.0
@@ -78,13 +80,13 @@ class Settings:
             broker_url=env.get("MEDIAGATE_BROKER_URL") or None,
             catalog_path=Path(catalog) if catalog else None,
             public_url=(env.get("MEDIAGATE_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+            db_pool_size=int(env.get("MEDIAGATE_DB_POOL_SIZE") or 10),
             worker_concurrency=int(env.get("MEDIAGATE_WORKER_CONCURRENCY") or 200),
             backend_timeout=float(env.get("MEDIAGATE_BACKEND_TIMEOUT") or 120),
             backend_retries=int(env.get("MEDIAGATE_BACKEND_RETRIES") or 3),
             backend_retry_backoff=float(env.get("MEDIAGATE_BACKEND_RETRY_BACKOFF") or 1.0),
             task_lease_seconds=int(env.get("MEDIAGATE_TASK_LEASE_SECONDS") or 300),
             task_max_attempts=int(env.get("MEDIAGATE_TASK_MAX_ATTEMPTS") or 3),
-            relay_interval=float(env.get("MEDIAGATE_RELAY_INTERVAL") or 1.0),
             queue=env.get("MEDIAGATE_QUEUE") or "mediagate",
             sweep_interval=float(env.get("MEDIAGATE_SWEEP_INTERVAL") or 15.0),
             redispatch_after=float(env.get("MEDIAGATE_REDISPATCH_AFTER") or 60.0),

@@ -116,3 +116,25 @@ def bare_httpx():
 
 def bare_aiohttp():
     return _bare("aiohttp")
+
+
+def upstream_starlette():
+    """The same endpoint written the usual way, as a Starlette app (the default upstream of the benchmark)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def completions(request: Request):
+        body = await request.body()
+        if b'"stream":true' not in body:
+            return Response(WHOLE, media_type="application/json", headers={"x-request-id": "req_bench"})
+
+        async def events():
+            for event in STREAM[b'"include_usage":true' in body]:
+                yield event
+
+        return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8",
+                                 headers={"x-request-id": "req_bench"})
+
+    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +32,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"bench-chat","messages":[{"role":"user","content":"Say hello."}],"max_tokens":64%s}'
-TARGETS = {"direct": "", "mediagate": "/llm-api"}
+UPSTREAMS = {"starlette": "upstream_starlette", "raw": "upstream"}
 CATALOG = """
 [providers.bench]
 format = "openai"
@@ -68,6 +70,15 @@ def serve(app: str, port: int, env: dict, *, factory: bool = False) -> subproces
             time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"bench: {app} did not start on port {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux), or 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def prepare_gateway(env: dict) -> str:
@@ -130,6 +141,35 @@ async def drive(url: str, headers: dict, body: bytes, stream: bool, seconds: flo
             "p99": latencies[int(len(latencies) * 0.99)] * 1000, "n": len(latencies), "errors": errors}
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%s"
+"""
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def drive_wrk(url: str, headers: dict, body: bytes, seconds: float, concurrency: int, tmp: Path) -> dict:
+    """The same measurement with wrk (C, one thread): the load generator then costs the servers little CPU."""
+    script = tmp / "bench.lua"
+    script.write_text(WRK_SCRIPT % (body.decode(), headers["authorization"]))
+    base = ["wrk", "-t1", f"-c{concurrency}", "--latency", "-s", str(script)]
+    subprocess.run([*base, "-d1s", url], check=True, capture_output=True)  # warm-up
+    out = subprocess.run([*base, f"-d{seconds:g}s", url], check=True, capture_output=True, text=True).stdout
+
+    def latency(pct: str) -> float:
+        found = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        if found is None:
+            raise SystemExit(f"bench: can't read wrk's output:\n{out}")
+        value, unit = found.groups()
+        return float(value) * _UNITS[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": latency("50"),
+            "p99": latency("99"), "errors": int(errors.group(1)) if errors else 0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -137,6 +177,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     parser.add_argument("--compare-clients", action="store_true")
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--upstream", choices=tuple(UPSTREAMS), default="starlette",
+                        help="the fake upstream: a Starlette app (default) or a bare ASGI callable")
+    parser.add_argument("--driver", choices=("auto", "wrk", "aiohttp"), default="auto",
+                        help="load generator: wrk when installed (auto), else a Python aiohttp client")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mediagate-bench-"))
@@ -151,22 +195,30 @@ def main() -> None:
     else:
         env.pop("MEDIAGATE_DATABASE_URL", None)
     key = prepare_gateway(env)
-    procs = [serve("bench.llm_apps:upstream", up_port, env),
+    procs = [serve(f"bench.llm_apps:{UPSTREAMS[args.upstream]}", up_port, env, factory=args.upstream == "starlette"),
              serve("app.main:create_app", gw_port, env, factory=True)]
-    targets = {"direct": (up_port, ""), "mediagate": (gw_port, "/llm-api")}
+    targets = {"direct": (up_port, "", procs[0]), "mediagate": (gw_port, "/llm-api", procs[1])}
     if args.compare_clients:
         for name in ("httpx", "aiohttp"):
             port = free_port()
             procs.append(serve(f"bench.llm_apps:bare_{name}", port, env, factory=True))
-            targets[f"bare-{name}"] = (port, "")
+            targets[f"bare-{name}"] = (port, "", procs[-1])
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    driver = args.driver if args.driver != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     results: dict[tuple[str, str], dict] = {}
     try:
         for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
-            for name, (port, prefix) in targets.items():
+            for name, (port, prefix, proc) in targets.items():
                 url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
-                results[(mode, name)] = asyncio.run(drive(url, headers, BODY % extra, bool(extra), args.seconds,
-                                                          args.concurrency))
+                cpu_before, began = cpu_seconds(proc.pid), time.perf_counter()
+                if driver == "wrk":
+                    results[(mode, name)] = drive_wrk(url, headers, BODY % extra, args.seconds, args.concurrency, tmp)
+                else:
+                    results[(mode, name)] = asyncio.run(drive(url, headers, BODY % extra, bool(extra), args.seconds,
+                                                              args.concurrency))
+                # The server's CPU per request (warm-up included on both sides of the division).
+                served = results[(mode, name)]["rps"] * (time.perf_counter() - began)
+                results[(mode, name)]["cpu_us"] = (cpu_seconds(proc.pid) - cpu_before) / max(served, 1) * 1e6
     finally:
         for proc in procs:
             proc.terminate()
@@ -175,12 +227,13 @@ def main() -> None:
 
     print(f"\nLLM passthrough benchmark: {os.cpu_count()} CPUs, concurrency {args.concurrency}, "
           f"{args.seconds:g} s per scenario, {args.chunks} chunks per stream, "
-          f"database {'PostgreSQL' if args.database_url else 'SQLite'}\n")
-    print(f"{'scenario':<15} {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6}")
+          f"database {'PostgreSQL' if args.database_url else 'SQLite'}, load from {driver}\n")
+    print(f"{'scenario':<15} {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} "
+          f"{'server CPU us/req':>18}")
     for (mode, name), r in results.items():
         ratio = r["rps"] / results[(mode, "direct")]["rps"]
         print(f"{mode:<15} {name:<13} {r['rps']:>8.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7} "
-              f"{ratio:>6.2f}")
+              f"{ratio:>6.2f} {r['cpu_us']:>18.0f}")
     print("\ntargets: mediagate >= 0.35 of direct non-streaming, >= 0.50 streaming")
 
 

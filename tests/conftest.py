@@ -146,6 +146,19 @@ input_per_mtok = "0.30"
 output_per_mtok = "2.50"
 cached_input_per_mtok = "0.075"
 max_output_tokens = 65536
+
+# An upstream that refuses connections (nothing listens on port 9).
+[providers.llm-down]
+format = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "sk-down"
+
+[[models]]
+name = "down-chat"
+provider = "llm-down"
+api = "chat"
+input_per_mtok = "1.00"
+output_per_mtok = "1.00"
 """
 
 (RUN_DIR / "catalog.toml").write_text(CATALOG)
@@ -155,7 +168,6 @@ os.environ.update({
     "MEDIAGATE_PUBLIC_URL": "http://testserver",
     "MEDIAGATE_BACKEND_RETRY_BACKOFF": "0.05",
     "MEDIAGATE_BACKEND_TIMEOUT": "20",
-    "MEDIAGATE_RELAY_INTERVAL": "0.2",
     "MEDIAGATE_KEY_CACHE_SECONDS": "0.5",
     "MEDIAGATE_ALLOW_PRIVATE_URLS": "1",
     "MEDIAGATE_WORKER_CONCURRENCY": "250",
@@ -217,6 +229,17 @@ def fake_images():
     fake = FakeImageUpstream()
     with ThreadedServer(fake.app, port=UPSTREAM_PORT, limit_concurrency=2000, backlog=2048):
         yield fake
+
+
+@pytest.fixture(scope="session")
+def receiver():
+    """A webhook receiver on loopback (tests/webhooks/receiver.py)."""
+    from tests.webhooks.receiver import Receiver
+
+    hooks = Receiver()
+    with ThreadedServer(hooks.app, limit_concurrency=1000) as server:
+        hooks.base = server.url
+        yield hooks
 
 
 class Worker:

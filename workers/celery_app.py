@@ -15,6 +15,7 @@ from app.settings import Settings, get_settings
 GENERATE = "images.generate"
 DELIVER = "webhooks.deliver"
 SWEEP = "maintenance.sweep"
+DISPATCH = "maintenance.dispatch"
 
 TRANSPORT_ALIASES.setdefault("mediagate-fs", "workers.embedded_broker:Transport")
 
@@ -70,6 +71,15 @@ def publisher(celery: Celery, name: str = GENERATE):
                 celery.send_task(name, args=[task_id], producer=producer)
 
     return publish
+
+
+def dispatch_waker(celery: Celery):
+    """A wake() callable for the web process's Relay: one `maintenance.dispatch` message."""
+
+    def wake() -> None:
+        celery.send_task(DISPATCH)
+
+    return wake
 
 
 celery = make_celery(get_settings())

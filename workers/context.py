@@ -39,10 +39,9 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WorkerContext":
-        pool = max(10, min(settings.worker_concurrency, 50))
         return cls(
             settings=settings,
-            engine=make_engine(settings.database_url, pool_size=pool),
+            engine=make_engine(settings.database_url, pool_size=settings.db_pool_size),
             catalog=catalog_module.load(settings.catalog_path, settings.env),
             storage=storage_module.from_settings(settings),
             http=httpx.Client(

@@ -8,7 +8,7 @@ from app import dispatch
 from app.images import lifecycle
 from app.webhooks import service as webhook_service
 from workers import generation, webhooks
-from workers.celery_app import DELIVER, GENERATE, SWEEP, celery, publisher
+from workers.celery_app import DELIVER, DISPATCH, GENERATE, SWEEP, celery, publisher
 from workers.context import get_context
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,18 @@ log = logging.getLogger(__name__)
 @celery.task(name=GENERATE, acks_late=True, ignore_result=True)
 def generate_image(task_id: str) -> str:
     return generation.run(get_context(), task_id)
+
+
+@celery.task(name=DISPATCH, ignore_result=True)
+def dispatch_pending() -> int:
+    """Woken by a web process after submits: publish the waiting tasks, in batches."""
+    ctx = get_context()
+    total = 0
+    while True:
+        count = dispatch.dispatch(ctx.engine, publisher(celery))
+        total += count
+        if count < dispatch.BATCH:
+            return total
 
 
 def _deliver_later(delivery_id: str, countdown: float) -> None:

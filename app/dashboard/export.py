@@ -1,49 +1,27 @@
-"""Usage records as CSV, streamed: one header row, then one row per request, newest first.
+"""The usage CSV download: the same rows and columns as `GET /v1/usage?format=csv` (app.proxy.records),
+read a page at a time so a year of records never sits in memory.
 
-Columns (documented in the README):
-  id, created_at (UTC, ISO 8601), api_key_prefix, api_key_name, model, api_format, stream,
-  input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_reported, cost_usd
-  (exact, 9 decimals), upstream_status, latency_ms, ttfb_ms, client_disconnected
+Columns (documented in the README): see app.proxy.records.COLUMNS.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from typing import Iterable, Iterator
+from typing import AsyncIterator
 
-from app import money
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-COLUMNS = ("id", "created_at", "api_key_prefix", "api_key_name", "model", "api_format", "stream",
-           "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "usage_reported", "cost_usd",
-           "upstream_status", "latency_ms", "ttfb_ms", "client_disconnected")
+from app.proxy import records
 
 
-def _text(value: str | None) -> str:
-    """Free text (key names) that a spreadsheet would run as a formula gets a leading quote."""
-    value = value or ""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
-
-
-def _row(record: dict) -> list:
-    return [
-        record["id"], record["created_at"].isoformat().replace("+00:00", "Z"), record.get("key_prefix") or "",
-        _text(record.get("key_name")), _text(record["model"]), record["api_format"], str(bool(record["stream"])).lower(),
-        record["input_tokens"], record["output_tokens"], record["cached_tokens"], record["reasoning_tokens"],
-        str(bool(record["usage_reported"])).lower(), f"{money.to_decimal(record['cost']):.9f}",
-        "" if record["upstream_status"] is None else record["upstream_status"], record["latency_ms"],
-        "" if record["ttfb_ms"] is None else record["ttfb_ms"], str(bool(record["client_disconnected"])).lower(),
-    ]
-
-
-def csv_chunks(batches: Iterable[list[dict]]) -> Iterator[str]:
-    """The header, then one chunk of CSV text per batch of records (see queries.usage_batches)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(COLUMNS)
-    yield buffer.getvalue()
-    for batch in batches:
-        buffer.seek(0)
-        buffer.truncate()
-        writer.writerows(_row(record) for record in batch)
-        yield buffer.getvalue()
+async def csv_chunks(engine: AsyncEngine, account_id: int, filters: records.Filters,
+                     batch: int = records.MAX_LIMIT) -> AsyncIterator[str]:
+    """The header row, then one chunk of CSV per page of `batch` records, newest first. Each
+    page is its own short read: no transaction stays open while the client downloads."""
+    cursor, header = None, True
+    while True:
+        async with engine.connect() as conn:
+            rows, cursor = await conn.run_sync(records.page, account_id, filters, cursor=cursor, limit=batch)
+        yield records.csv_text(rows, header=header)
+        header = False
+        if cursor is None:
+            return

@@ -1,23 +1,23 @@
 """What the dashboard reads and writes. Sync functions on a `Connection`; the caller owns the transaction.
 
-Balances change only through app.ledger and keys through app.keys; this module
-reads the tables directly where no service function exists yet (spend by day,
-usage pages, the task gallery, webhook deliveries, the accounts list).
+Balances change only through app.ledger, keys through app.keys, and usage records are
+read through app.proxy.records (the same pages and CSV as GET /v1/usage). This module
+reads the tables directly where no service function exists (spend by day, the task
+gallery with its webhook deliveries, the accounts list).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Iterator
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, and_, case, func, or_, select
 
 from app import ledger
 from app.models import Account, ApiKey, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
+from app.proxy import records
 
 CHART_DAYS = 30
 
@@ -89,51 +89,31 @@ def list_keys(conn: Connection, account_id: int) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-# -- usage ----------------------------------------------------------------------------------------
+# -- usage (read through app.proxy.records) ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class UsageFilter:
-    start: datetime | None = None  # inclusive, UTC
-    end: datetime | None = None  # exclusive, UTC
-    model: str | None = None
-    key_id: int | None = None
-
-    @classmethod
-    def from_params(cls, params, tz: ZoneInfo) -> tuple["UsageFilter", dict]:
-        """From query parameters `from`, `to` (local dates, inclusive), `model`, `key`.
-        Returns the filter and the cleaned values to show in the form."""
-        form = {"from": "", "to": "", "model": "", "key": ""}
-        start = end = None
-        key_id = None
-        try:
-            if params.get("from"):
-                day = date.fromisoformat(params["from"])
-                start, form["from"] = datetime.combine(day, time(), tz).astimezone(timezone.utc), day.isoformat()
-            if params.get("to"):
-                day = date.fromisoformat(params["to"])
-                end = datetime.combine(day + timedelta(days=1), time(), tz).astimezone(timezone.utc)
-                form["to"] = day.isoformat()
-        except ValueError:
-            pass  # a hand-edited URL with a bad date: show everything rather than an error
-        if (params.get("key") or "").isdigit():
-            key_id = int(params["key"])
-            form["key"] = str(key_id)
-        model = (params.get("model") or "").strip()[:100] or None
-        form["model"] = model or ""
-        return cls(start, end, model, key_id), form
-
-
-def _usage_conditions(account_id: int, flt: UsageFilter) -> list:
-    conds = [UsageRecord.account_id == account_id]
-    if flt.start:
-        conds.append(UsageRecord.created_at >= flt.start)
-    if flt.end:
-        conds.append(UsageRecord.created_at < flt.end)
-    if flt.model:
-        conds.append(UsageRecord.model == flt.model)
-    if flt.key_id is not None:
-        conds.append(UsageRecord.api_key_id == flt.key_id)
-    return conds
+def usage_filters(params, tz: ZoneInfo) -> tuple[records.Filters, dict]:
+    """The usage filter from query parameters `from`, `to` (days in the browser's zone, both
+    included), `model` and `key` (an id), for app.proxy.records (which also serves GET /v1/usage).
+    Returns the filter and the cleaned values to show in the form."""
+    form = {"from": "", "to": "", "model": "", "key": ""}
+    since = until = None
+    try:
+        if params.get("from"):
+            day = date.fromisoformat(params["from"])
+            since, form["from"] = datetime.combine(day, time(), tz).astimezone(timezone.utc), day.isoformat()
+        if params.get("to"):
+            day = date.fromisoformat(params["to"])
+            until = datetime.combine(day + timedelta(days=1), time(), tz).astimezone(timezone.utc)
+            form["to"] = day.isoformat()
+    except ValueError:
+        pass  # a hand-edited URL with a bad date: show everything rather than an error
+    key_id = None
+    if (params.get("key") or "").isdigit():
+        key_id = int(params["key"])
+        form["key"] = str(key_id)
+    model = (params.get("model") or "").strip()[:100] or None
+    form["model"] = model or ""
+    return records.Filters(since=since, until=until, model=model, key_id=key_id), form
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:
@@ -153,37 +133,6 @@ def decode_cursor(text: str | None) -> tuple[datetime, str] | None:
 def _before(created_col, id_col, cursor):
     created, row_id = cursor
     return or_(created_col < created, and_(created_col == created, id_col < row_id))
-
-
-def usage_page(conn: Connection, account_id: int, flt: UsageFilter, cursor: tuple[datetime, str] | None = None,
-               limit: int = 50) -> tuple[list[dict], str | None]:
-    """One page of usage records, newest first, and the cursor of the next (older) page."""
-    stmt = (select(UsageRecord, ApiKey.name.label("key_name"), ApiKey.prefix.label("key_prefix"))
-            .outerjoin(ApiKey, ApiKey.id == UsageRecord.api_key_id)
-            .where(*_usage_conditions(account_id, flt))
-            .order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit + 1))
-    if cursor:
-        stmt = stmt.where(_before(UsageRecord.created_at, UsageRecord.id, cursor))
-    rows = [dict(row) for row in conn.execute(stmt).mappings()]
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
-    return rows, next_cursor
-
-
-def usage_batches(engine, account_id: int, flt: UsageFilter, batch: int = 1000) -> Iterator[list[dict]]:
-    """Every matching usage record, newest first, one short read per `batch` rows, so an export
-    of a year of records holds one batch in memory and no transaction stays open."""
-    cursor = None
-    while True:
-        with engine.connect() as conn:
-            rows, next_cursor = usage_page(conn, account_id, flt, cursor, batch)
-        if rows:
-            yield rows
-        if next_cursor is None:
-            return
-        cursor = decode_cursor(next_cursor)
 
 
 # -- image tasks ----------------------------------------------------------------------------------
@@ -286,6 +235,6 @@ def overview(conn: Connection, account_id: int, tz: ZoneInfo, now: datetime) -> 
     """The overview page: spend by day and model, the latest requests and tasks."""
     return {
         "spend": spend(conn, account_id, tz, now),
-        "recent_usage": usage_page(conn, account_id, UsageFilter(), limit=8)[0],
+        "recent_usage": records.page(conn, account_id, records.Filters(), limit=8)[0],
         "recent_tasks": tasks_page(conn, account_id, limit=6)[0],
     }

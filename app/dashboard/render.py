@@ -26,8 +26,11 @@ def zone(name: str | None) -> ZoneInfo:
         return UTC
 
 
-def usd(units: int | None) -> str:
-    return "$" + money.render(units or 0)
+def usd(amount: int | str | None) -> str:
+    """Nano-dollar units, or a USD decimal string as the API renders it, as "$0.01200"."""
+    if isinstance(amount, str):
+        amount = money.from_usd(amount)
+    return "$" + money.render(amount or 0)
 
 
 @pass_context

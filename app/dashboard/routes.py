@@ -16,8 +16,10 @@ from app import keys, money, passwords
 from app.dashboard import charts, export, pricing, queries, sessions, thumbs
 from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
 from app.db import run
+from app.errors import APIError
 from app.images.service import TERMINAL
 from app.models import utcnow
+from app.proxy import records
 from app.webhooks import service as webhooks
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -117,25 +119,29 @@ async def revoke_key(ctx: Ctx) -> Response:
 
 @page()
 async def usage(ctx: Ctx) -> Response:
-    flt, form = queries.UsageFilter.from_params(ctx.request.query_params, ctx.tz)
-    cursor = queries.decode_cursor(ctx.request.query_params.get("before"))
+    filters, form = queries.usage_filters(ctx.request.query_params, ctx.tz)
+    cursor = ctx.request.query_params.get("before") or None
     async with ctx.state.engine.connect() as conn:
-        rows, next_cursor = await conn.run_sync(queries.usage_page, ctx.account_id, flt, cursor)
+        try:
+            rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters, cursor=cursor)
+        except APIError:  # a hand-edited cursor: start from the newest
+            cursor = None
+            rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters)
         key_rows = await conn.run_sync(queries.list_keys, ctx.account_id)
     models = sorted({m.name for m in ctx.state.catalog.of_api("chat", "responses", "messages", "gemini")}
                     | ({form["model"]} if form["model"] else set()))
     query = {k: v for k, v in form.items() if v}
     return ctx.render("usage.html", rows=rows, form=form, models=models, keys=key_rows, paged=cursor is not None,
-                      query=urlencode(query), next_url=f"?{urlencode({**query, 'before': next_cursor})}"
-                      if next_cursor else None)
+                      key_names={k["id"]: k["name"] for k in key_rows}, query=urlencode(query),
+                      next_url=f"?{urlencode({**query, 'before': next_cursor})}" if next_cursor else None)
 
 
 @page()
 async def usage_csv(ctx: Ctx) -> Response:
-    flt, _ = queries.UsageFilter.from_params(ctx.request.query_params, ctx.tz)
-    batches = queries.usage_batches(ctx.state.sync_engine, ctx.account_id, flt)
+    filters, _ = queries.usage_filters(ctx.request.query_params, ctx.tz)
     filename = f"mediagate-usage-{date.today().isoformat()}.csv"
-    return StreamingResponse(export.csv_chunks(batches), media_type="text/csv; charset=utf-8",
+    return StreamingResponse(export.csv_chunks(ctx.state.engine, ctx.account_id, filters),
+                             media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 

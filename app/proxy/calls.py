@@ -8,18 +8,17 @@ the client's own bytes, changed only where they must be (the model name, and
 from __future__ import annotations
 
 import json
+import random
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from app import ledger, money
+from app import money
 from app.auth import Principal, require
 from app.catalog import Model
-from app.db import run
 from app.errors import APIError, insufficient_balance, invalid
 from app.models import utcnow
 from app.proxy import upstream
@@ -30,6 +29,8 @@ MAX_BODY = 32 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 32_768
 GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+# Record ids need to be unique, not secret: a seeded PRNG spares a system call per request.
+_ids = random.Random()
 
 
 @dataclass
@@ -87,27 +88,31 @@ async def prepare(request: Request, api: str, *, version: str = "v1beta") -> Cal
     output = min(max_output, limit) if max_output and limit else (max_output or limit or DEFAULT_MAX_OUTPUT)
     # Input is estimated at one token per byte of body: a token is at least a byte of text.
     held = estimate(model, len(body), output)
-    if held and not await run(state.engine, ledger.hold, principal.account_id, held):
-        raise insufficient_balance(
-            f"Your balance is too low for this request to {name} (it can cost up to "
-            f"${money.to_decimal(held).normalize():f} with max output {output} tokens). Top up or lower the max tokens.")
-
-    query = list(request.query_params.multi_items())
-    return Call(
-        id="req_" + secrets.token_hex(12), api=api, model=model, principal=principal, stream=stream,
+    call = Call(
+        id=f"req_{_ids.getrandbits(96):024x}", api=api, model=model, principal=principal, stream=stream,
         url=upstream.url(model.provider, api, model.upstream_model, version=version, method=gemini_method,
-                         query=query),
+                         query=request.query_params.multi_items()),
         headers=upstream.request_headers(request.scope["headers"], model.provider), body=body, held=held,
         strip_usage=strip_usage, sse=api != GEMINI or request.query_params.get("alt") == "sse",
         created_at=utcnow(), started=started,
     )
+    if held and not await state.llm.holds.take(principal.account_id, held):
+        raise insufficient_balance(
+            f"Your balance is too low for this request to {name}: it can cost up to "
+            f"${money.to_decimal(held).normalize():f} (max output {output} tokens). "
+            "Top up, or ask for fewer output tokens.")
+    return call
 
 
 async def _read_body(request: Request) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY:
         raise APIError(413, f"The request body is larger than {MAX_BODY // 2**20} MiB.", code="request_too_large")
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        # Nobody is left to answer; an APIError ends the request without an error log.
+        raise APIError(400, "The client went away while sending the request.", code="client_disconnected") from None
     if len(body) > MAX_BODY:
         raise APIError(413, f"The request body is larger than {MAX_BODY // 2**20} MiB.", code="request_too_large")
     return body

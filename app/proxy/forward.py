@@ -141,6 +141,8 @@ class ProxyResponse:
         raw = self.raw_usage
         usage = normalize(call.api, raw) if raw is not None else None
         ended = time.perf_counter()
+        if call.held:
+            self.gateway.holds.finish(call.principal.account_id, call.held)
         self.gateway.recorder.record(Entry(
             id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
             model=call.model.name, api_format=call.api, stream=call.stream,

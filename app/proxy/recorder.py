@@ -1,28 +1,31 @@
 """Usage records and settlements, written in batches off the response path.
 
 The proxy hands each finished call to `UsageRecorder.record` (no await, no
-database); one background task writes whatever has queued up in a single
-transaction: per call, `ledger.settle` (release the hold, charge the metered
-cost) and the usage row. The lifespan's `stop` writes what is left.
+database). One background task writes what has queued up, at most every
+`interval` seconds, in one transaction: per account, one `ledger.settle` that
+releases the holds of the batch's calls and charges their metered costs as
+one `usage` ledger row (its reference the first call's id), and a usage row
+per call carrying that call's share of the charge. At low traffic a batch is
+one call, so the ledger row is that call's. The lifespan's `stop` writes what
+is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection, Engine, insert
 
 from app import ledger
-from app.db import run
 from app.models import UsageRecord
 
 log = logging.getLogger(__name__)
-BATCH = 500
+BATCH = 2000
 RETRIES = 5
+INTERVAL = 0.05  # seconds between writes: bounds the recorder's share of the process under load
 
 
 @dataclass
@@ -49,29 +52,51 @@ class Entry:
     held: int
 
 
-def write(conn: Connection, entries: list[Entry]) -> None:
-    """Settle and record `entries` in the caller's transaction."""
+@dataclass
+class Release:
+    """Held balance handed back without a call (an idle hold pool)."""
+
+    account_id: int
+    held: int
+
+
+def write(conn: Connection, items: list) -> None:
+    """Settle and record `items` (Entry and Release) in the caller's transaction."""
+    by_account: dict[int, list] = {}
+    for item in items:
+        by_account.setdefault(item.account_id, []).append(item)
     rows = []
-    for entry in entries:
-        row = asdict(entry)
-        held = row.pop("held")
-        row["cost"] = ledger.settle(conn, entry.account_id, held, entry.cost, reference=entry.id,
-                                    note=f"{entry.model} ({entry.api_format})")
-        rows.append(row)
-    conn.execute(insert(UsageRecord), rows)
+    for account_id, batch in by_account.items():
+        entries = [item for item in batch if isinstance(item, Entry)]
+        held = sum(item.held for item in batch)
+        cost = sum(entry.cost for entry in entries)
+        note = (f"{entries[0].model} ({entries[0].api_format})" if len(entries) == 1
+                else f"LLM usage: {len(entries)} requests")
+        charged = ledger.settle(conn, account_id, held, cost, reference=entries[0].id if entries else "",
+                                note=note)
+        # Each call's record carries its share of what was charged: all of its cost,
+        # unless the balance ran out, and then the calls first in the batch come first.
+        for entry in entries:
+            row = dict(entry.__dict__)  # not asdict(): it deep-copies every field
+            del row["held"]
+            row["cost"] = min(entry.cost, charged)
+            charged -= row["cost"]
+            rows.append(row)
+    if rows:
+        conn.execute(insert(UsageRecord), rows)
 
 
 class UsageRecorder:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: Engine):
         self._engine = engine
-        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-recorder")
 
-    def record(self, entry: Entry) -> None:
-        self._queue.put_nowait(entry)
+    def record(self, item: Entry | Release) -> None:
+        self._queue.put_nowait(item)
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written."""
@@ -104,20 +129,25 @@ class UsageRecorder:
                 await self._write(batch)
             for _ in range(taken):
                 self._queue.task_done()
+            if not stopping:
+                await asyncio.sleep(INTERVAL)
 
-    async def _write(self, batch: list[Entry]) -> None:
+    def _write_sync(self, items: list) -> None:
+        with self._engine.begin() as conn:
+            write(conn, items)
+
+    async def _write(self, batch: list) -> None:
         try:
-            await run(self._engine, write, batch)
+            await asyncio.to_thread(self._write_sync, batch)
             return
         except Exception:
             log.warning("writing %d usage records failed; retrying one by one", len(batch), exc_info=True)
         for entry in batch:
             for attempt in range(RETRIES):
                 try:
-                    await run(self._engine, write, [entry])
+                    await asyncio.to_thread(self._write_sync, [entry])
                     break
                 except Exception:
                     await asyncio.sleep(0.1 * 2**attempt)
             else:
-                log.error("usage record %s (account %s, cost %s) could not be written; its hold of %s stays",
-                          entry.id, entry.account_id, entry.cost, entry.held, exc_info=True)
+                log.error("could not write %r; its hold stays", entry, exc_info=True)

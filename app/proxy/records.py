@@ -110,8 +110,9 @@ def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | N
                               and_(UsageRecord.created_at == moment, UsageRecord.id < record_id)))
     stmt = stmt.order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit + 1)
     found = conn.execute(stmt).all()
-    rows = [_row(record, prefix) for record, prefix in found[:limit]]
-    last = found[limit - 1][0] if len(found) > limit else None
+    # On a Core Connection the entity's columns come flattened into each row, beside `prefix`.
+    rows = [_row(row, row.prefix) for row in found[:limit]]
+    last = found[limit - 1] if len(found) > limit else None
     return rows, encode_cursor(last.created_at, last.id) if last is not None else None
 
 

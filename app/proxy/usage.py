@@ -193,19 +193,32 @@ class ChatStripMeter(SSEMeter):
         cut = data.rfind(b"\n") + 1
         self._tail = data[cut:]
         out = data[:cut]
-        if not out or (not self._skip_blank and not self.marker.search(out)):
-            return out
-        kept = []
-        for line in out[:-1].split(b"\n"):
-            if self._skip_blank and line in (b"", b"\r"):
-                self._skip_blank = False
-                continue
+        if self._skip_blank and out:
             self._skip_blank = False
-            if self._usage_only(line):
-                self._skip_blank = True
-                continue
-            kept.append(line)
-        return b"\n".join(kept) + b"\n" if kept else b""
+            if out.startswith(b"\r\n"):
+                out = out[2:]
+            elif out.startswith(b"\n"):
+                out = out[1:]
+        if not out or not self.marker.search(out):
+            return out
+        # Cut out the lines that are usage-only chunks (and the blank line closing each).
+        pieces, pos = [], 0
+        while (found := self.marker.search(out, pos)) is not None:
+            start = out.rfind(b"\n", 0, found.start()) + 1
+            end = out.find(b"\n", found.end()) + 1  # `out` ends with a newline
+            if not self._usage_only(out[start:end].rstrip(b"\r\n")):
+                pieces.append(out[pos:end])
+            else:
+                pieces.append(out[pos:start])
+                if out.startswith(b"\r\n", end):
+                    end += 2
+                elif out.startswith(b"\n", end):
+                    end += 1
+                elif end == len(out):
+                    self._skip_blank = True
+            pos = end
+        pieces.append(out[pos:])
+        return b"".join(pieces)
 
     def flush(self) -> bytes:
         """The last unfinished line, at the end of the stream."""

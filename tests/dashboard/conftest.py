@@ -100,4 +100,4 @@ def add_task(engine, account_id: int, *, model: str = "local-image", charge: int
     values.update(fields)
     with engine.begin() as conn:
         conn.execute(ImageTask.__table__.insert().values(**values))
-    return task_id
+    return values["id"]

@@ -251,3 +251,28 @@ def test_admin_tops_up_with_a_ledger_note(web, make_user, make_account, engine):
 def _key_count(engine, account_id: int) -> int:
     with engine.connect() as conn:
         return len(conn.execute(select(ApiKey.id).where(ApiKey.account_id == account_id)).all())
+
+
+def test_thumbnails_are_made_once_and_cached(web, signed_in, engine, app):
+    import io
+
+    from PIL import Image
+
+    storage, settings = app.state.storage, app.state.settings
+    task_key = "media_" + "ab" * 12
+    png = io.BytesIO()
+    Image.new("RGB", (1600, 900), "teal").save(png, "PNG")
+    url = storage.save(f"{task_key}/0.png", png.getvalue())
+    task_id = add_task(engine, signed_in.id, id=task_key, result_urls=[url])
+    first = web.get(f"/dashboard/tasks/{task_id}/thumb/0.webp")
+    assert first.status_code == 200 and first.headers["content-type"] == "image/webp"
+    assert "private" in first.headers["cache-control"]
+    with Image.open(io.BytesIO(first.content)) as thumb:
+        assert thumb.format == "WEBP" and thumb.size == (384, 216)
+    assert (settings.data_dir / "thumbs" / task_id / "0.png.384.webp").exists()
+    (settings.files_dir / task_id / "0.png").unlink()  # from now on only the cache can answer
+    again = web.get(f"/dashboard/tasks/{task_id}/thumb/0.webp")
+    assert again.status_code == 200 and again.content == first.content
+    assert web.get(f"/dashboard/tasks/{task_id}/thumb/1.webp").status_code == 404
+    page = web.get(f"/dashboard/tasks/{task_id}").text
+    assert f'src="/files/{task_id}/0.png"' in page and url in page  # the full image, and its public URL

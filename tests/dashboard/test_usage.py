@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from app import keys, money
 from app.dashboard import export, queries
+from app.proxy import records
 from app.models import ApiKey, UsageRecord
 from tests.dashboard.conftest import add_task, add_usage
 
@@ -28,8 +29,8 @@ def _csv(response) -> list[dict]:
     assert response.headers["content-type"].startswith("text/csv")
     assert response.headers["content-disposition"].startswith('attachment; filename="mediagate-usage-')
     reader = csv.reader(io.StringIO(response.text))
-    assert next(reader) == list(export.COLUMNS)
-    return [dict(zip(export.COLUMNS, row)) for row in reader]
+    assert next(reader) == list(records.COLUMNS)
+    return [dict(zip(records.COLUMNS, row)) for row in reader]
 
 
 def _second_key(engine, account_id: int) -> tuple[int, int]:
@@ -89,20 +90,27 @@ def test_csv_export_rows_are_exact(web, signed_in, engine):
                        cost=4_372_501, upstream_status=200, latency_ms=812, ttfb_ms=None,
                        client_disconnected=True, at=datetime(2025, 5, 4, 3, 2, 1, tzinfo=timezone.utc))
     add_usage(engine, signed_in.id, model="gpt-4o", key_id=key_a)
-    rows = _csv(web.get("/dashboard/usage.csv?model=gpt-5.4"))
+    response = web.get("/dashboard/usage.csv?model=gpt-5.4")
+    rows = _csv(response)
     with engine.connect() as conn:
         prefix = conn.execute(select(ApiKey.prefix).where(ApiKey.id == key_b)).scalar_one()
     assert rows == [{
-        "id": record, "created_at": "2025-05-04T03:02:01Z", "api_key_prefix": prefix,
-        "api_key_name": "'=cmd|' /C calc'!A0",  # a formula-looking name is defused
-        "model": "gpt-5.4", "api_format": "responses", "stream": "true", "input_tokens": "1234",
-        "output_tokens": "567", "cached_tokens": "1000", "reasoning_tokens": "89", "usage_reported": "true",
-        "cost_usd": "0.004372501", "upstream_status": "200", "latency_ms": "812", "ttfb_ms": "",
-        "client_disconnected": "true",
+        "id": record, "created_at": "2025-05-04T03:02:01Z", "model": "gpt-5.4", "api_format": "responses",
+        "stream": "true", "input_tokens": "1234", "output_tokens": "567", "cached_tokens": "1000",
+        "reasoning_tokens": "89", "usage_reported": "true", "cost": "0.004372501", "upstream_status": "200",
+        "latency_ms": "812", "ttfb_ms": "", "client_disconnected": "true", "key_id": str(key_b),
+        "key_prefix": prefix,
     }]
+    # One implementation: the API's CSV of the same filter is the same text.
+    api = web.get("/v1/usage?format=csv&model=gpt-5.4", headers=signed_in.headers)
+    assert api.status_code == 200 and api.text == response.text
 
 
-def test_csv_streams_in_batches(web, signed_in, engine):
+def test_csv_streams_in_pages(web, signed_in, engine, settings):
+    import asyncio
+
+    from app.db import make_async_engine
+
     rows = [dict(id=f"req_bulk{i:06d}{secrets.token_hex(3)}", account_id=signed_in.id, model="gpt-4o-mini",
                  api_format="chat", stream=False, input_tokens=i, output_tokens=1, cached_tokens=0,
                  reasoning_tokens=0, usage_reported=True, cost=150 + i, upstream_status=200, latency_ms=5,
@@ -110,12 +118,20 @@ def test_csv_streams_in_batches(web, signed_in, engine):
             for i in range(2500)]
     with engine.begin() as conn:
         conn.execute(UsageRecord.__table__.insert(), rows)
-    batches = list(queries.usage_batches(engine, signed_in.id, queries.UsageFilter(), batch=1000))
-    assert [len(b) for b in batches] == [1000, 1000, 500]
+
+    async def chunks() -> list[str]:
+        async_engine = make_async_engine(settings.database_url, pool_size=1)
+        try:
+            return [c async for c in export.csv_chunks(async_engine, signed_in.id, records.Filters(), batch=1000)]
+        finally:
+            await async_engine.dispose()
+
+    pieces = asyncio.run(chunks())
+    assert [piece.count("\r\n") for piece in pieces] == [1001, 1000, 500]  # the header rides with page one
     exported = _csv(web.get("/dashboard/usage.csv"))
     assert len(exported) == 2500
     assert [int(r["input_tokens"]) for r in exported] == list(range(2500))  # newest first
-    assert sum(money.from_usd(r["cost_usd"]) for r in exported) == sum(150 + i for i in range(2500))
+    assert sum(money.from_usd(r["cost"]) for r in exported) == sum(150 + i for i in range(2500))
 
 
 def test_spend_by_local_day_and_model(engine, make_account):

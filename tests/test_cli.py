@@ -1,0 +1,43 @@
+"""The `mediagate` command's account and key management."""
+
+import json
+import uuid
+
+import pytest
+
+from app.cli import main
+
+
+def run(capsys, *argv) -> tuple[str, str]:
+    main(list(argv))
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_accounts_create_topup_show_and_keys(capsys, client):
+    email = f"cli-{uuid.uuid4().hex[:8]}@example.com"
+    out, _ = run(capsys, "accounts", "create", email, "--balance", "2.5")
+    assert json.loads(out)["balance"] == "2.50000"
+    out, _ = run(capsys, "accounts", "topup", email, "0.125")
+    assert json.loads(out)["balance"] == "2.62500"
+    out, _ = run(capsys, "keys", "create", email, "--name", "ci")
+    key = out.strip()
+    assert key.startswith("llm_") and "\n" not in key  # only the key: scripts capture it
+    assert client.get("/v1/balance", headers={"Authorization": f"Bearer {key}"}).json()["balance"] == "2.62500"
+    shown = json.loads(run(capsys, "accounts", "show", email)[0])
+    assert shown["email"] == email and shown["keys"][0]["name"] == "ci" and not shown["keys"][0]["revoked"]
+    run(capsys, "keys", "revoke", key[:12])
+    assert json.loads(run(capsys, "accounts", "show", email)[0])["keys"][0]["revoked"] is True
+
+
+def test_cli_errors_are_messages_not_tracebacks(capsys):
+    with pytest.raises(SystemExit, match="no account for nobody@example.com"):
+        main(["accounts", "topup", "nobody@example.com", "1"])
+    with pytest.raises(SystemExit, match="exists already"):
+        email = f"dup-{uuid.uuid4().hex[:8]}@example.com"
+        main(["accounts", "create", email])
+        main(["accounts", "create", email])
+    with pytest.raises(SystemExit, match="no live key"):
+        main(["keys", "revoke", "llm_nothing0"])
+    with pytest.raises(SystemExit, match="float|amount"):
+        main(["accounts", "create", f"x-{uuid.uuid4().hex[:6]}@example.com", "--balance", "lots"])

@@ -1,0 +1,46 @@
+"""The ledger: the only code that moves money; balance always equals the sum of the ledger."""
+
+import pytest
+from sqlalchemy import select
+
+from app import accounts, ledger, money
+from app.models import LedgerEntry
+
+
+@pytest.fixture
+def funded(engine):
+    with engine.begin() as conn:
+        return accounts.create(conn, f"ledger-{id(conn)}@example.com", money.from_usd("1"))
+
+
+def test_charge_refuses_to_overdraw_and_writes_nothing(engine, funded):
+    with engine.begin() as conn:
+        with pytest.raises(ledger.InsufficientBalance):
+            ledger.charge(conn, funded, money.from_usd("1.00001"), reference="t1")
+        ledger.charge(conn, funded, money.from_usd("1"), reference="t2")
+        assert ledger.balance(conn, funded) == 0 == ledger.ledger_sum(conn, funded)
+
+
+def test_refund_happens_at_most_once_per_reference(engine, funded):
+    with engine.begin() as conn:
+        ledger.charge(conn, funded, 500, reference="media_x")
+        assert ledger.refund(conn, funded, 500, reference="media_x") is True
+        assert ledger.refund(conn, funded, 500, reference="media_x") is False
+        kinds = conn.execute(select(LedgerEntry.kind).where(LedgerEntry.account_id == funded)).scalars().all()
+        assert kinds.count("refund") == 1
+        assert ledger.balance(conn, funded) == money.from_usd("1") == ledger.ledger_sum(conn, funded)
+
+
+def test_hold_reserves_and_settle_charges_never_below_zero(engine, funded):
+    one = money.from_usd("1")
+    with engine.begin() as conn:
+        assert ledger.hold(conn, funded, one - 10)
+        assert not ledger.hold(conn, funded, 11)  # only 10 units are free
+        charged = ledger.settle(conn, funded, one - 10, one * 2, reference="req_1")
+        assert charged == one and ledger.balance(conn, funded) == 0 == ledger.ledger_sum(conn, funded)
+
+
+def test_top_up_must_be_positive(engine, funded):
+    with engine.begin() as conn:
+        with pytest.raises(ValueError):
+            ledger.top_up(conn, funded, 0)
