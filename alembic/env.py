@@ -31,6 +31,9 @@ def _run(connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several web processes may start at once: one migrates, the others wait and find it done.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(72420001)")
         context.run_migrations()
 
 

@@ -52,10 +52,11 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     settings = get_settings()
-    cmd_migrate(args)
-    _first_start_account()
+    if not args.no_migrate:
+        cmd_migrate(args)
     worker = None
     if settings.embedded_broker:
+        _first_start_account()
         # The embedded broker and worker: the same Celery task code, in a child process, with the
         # periodic sweep (-B) beside it. Stops with this command.
         worker = subprocess.Popen(_worker_argv(["-B", "--without-gossip", "--without-mingle",
@@ -160,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=1, help="web processes")
     s.add_argument("--access-log", action="store_true")
+    s.add_argument("--no-migrate", action="store_true",
+                   help="don't apply migrations first (when a release step runs `mediagate migrate`)")
     s.set_defaults(func=cmd_serve)
 
     for name, func, text in (("worker", cmd_worker, "run a Celery worker (arguments go to celery)"),

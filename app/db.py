@@ -58,3 +58,13 @@ async def run(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kwargs: A
     """Run `fn(conn, *args)` in one transaction on the async engine; commit on success."""
     async with engine.begin() as conn:
         return await conn.run_sync(fn, *args, **kwargs)
+
+
+async def run_single(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Like `run`, for work that is one atomic statement on PostgreSQL: no BEGIN/COMMIT
+    round trips there (SQLite, where it may be several statements, gets a transaction)."""
+    if engine.dialect.name != "postgresql":
+        return await run(engine, fn, *args, **kwargs)
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return await conn.run_sync(fn, *args, **kwargs)

@@ -9,10 +9,12 @@ Invariant: accounts.balance == SUM(ledger_entries.amount) for every account.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select, update
+import functools
+
+from sqlalchemy import Connection, Table, bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.models import Account, LedgerEntry, utcnow
+from app.models import Account, LedgerEntry, Timestamp, utcnow
 
 TOPUP, CHARGE, REFUND, USAGE = "topup", "charge", "refund", "usage"
 
@@ -56,6 +58,44 @@ def charge(conn: Connection, account_id: int, amount: int, *, reference: str, no
     conn.execute(insert(LedgerEntry).values(
         account_id=account_id, kind=CHARGE, amount=-amount, reference=reference, note=note,
         created_at=utcnow()))
+
+
+def charge_with_row(conn: Connection, account_id: int, amount: int, *, reference: str, note: str,
+                    table: Table, values: dict) -> None:
+    """`charge`, and insert `values` into `table` (the thing paid for), all or nothing.
+
+    Raises InsufficientBalance, writing nothing, when the free balance is short. On
+    PostgreSQL it is one statement (data-modifying CTEs: debit, ledger row, row), so
+    a caller may run it without BEGIN/COMMIT: one round trip for the whole submit.
+    The row is inserted only if the debit happened, in the same atomic statement.
+    """
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table).values(**values))
+        charge(conn, account_id, amount, reference=reference, note=note)
+        return
+    # Parameter names must not match column names: SQLAlchemy would add those to the UPDATE's SET.
+    params = {"account_id_": account_id, "amount_": amount, "debit_": -amount, "reference_": reference,
+              "note_": note, "now_": utcnow(), **{f"row_{k}": v for k, v in values.items()}}
+    if conn.execute(_charge_with_row_statement(table, tuple(values)), params).first() is None:
+        raise InsufficientBalance()
+
+
+@functools.lru_cache(maxsize=8)
+def _charge_with_row_statement(table: Table, columns: tuple[str, ...]):
+    debit = (update(Account)
+             .where(Account.id == bindparam("account_id_"), Account.balance - Account.held >= bindparam("amount_"))
+             .values(balance=Account.balance - bindparam("amount_"))
+             .returning(Account.id).cte("debit"))
+    entry = (insert(LedgerEntry)
+             .from_select(["account_id", "kind", "amount", "reference", "note", "created_at"],
+                          select(debit.c.id, literal(CHARGE), bindparam("debit_"), bindparam("reference_"),
+                                 bindparam("note_"), bindparam("now_", type_=Timestamp)))
+             .returning(LedgerEntry.account_id).cte("entry"))
+    row = (insert(table)
+           .from_select(list(columns), select(*[bindparam(f"row_{c}", type_=table.c[c].type) for c in columns])
+                        .select_from(entry))
+           .returning(table.primary_key.columns[0]))
+    return row.add_cte(debit).add_cte(entry)
 
 
 def refund(conn: Connection, account_id: int, amount: int, *, reference: str, note: str = "") -> bool:

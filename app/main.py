@@ -8,8 +8,8 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -84,7 +84,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *routes,
         ],
         lifespan=lifespan,
-        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone,
+                            Exception: _server_error},
     )
     app.state.settings = settings
     app.state.catalog = offered
@@ -101,6 +102,11 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
                      code="not_found" if exc.status_code == 404 else None, headers=exc.headers)
     return error.response(family_for(request.url.path, request.headers))
+
+
+async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away mid-request: nothing to answer, nothing to log."""
+    return Response(status_code=499)
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

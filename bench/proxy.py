@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,7 @@ def drive_wrk(url: str, headers: dict, body: bytes, seconds: float, concurrency:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     parser.add_argument("--compare-clients", action="store_true")
@@ -205,35 +207,51 @@ def main() -> None:
             targets[f"bare-{name}"] = (port, "", procs[-1])
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     driver = args.driver if args.driver != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
-    results: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     try:
-        for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
-            for name, (port, prefix, proc) in targets.items():
-                url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
-                cpu_before, began = cpu_seconds(proc.pid), time.perf_counter()
-                if driver == "wrk":
-                    results[(mode, name)] = drive_wrk(url, headers, BODY % extra, args.seconds, args.concurrency, tmp)
-                else:
-                    results[(mode, name)] = asyncio.run(drive(url, headers, BODY % extra, bool(extra), args.seconds,
-                                                              args.concurrency))
-                # The server's CPU per request (warm-up included on both sides of the division).
-                served = results[(mode, name)]["rps"] * (time.perf_counter() - began)
-                results[(mode, name)]["cpu_us"] = (cpu_seconds(proc.pid) - cpu_before) / max(served, 1) * 1e6
+        # Rounds interleave the targets, so a burst of other load on the machine hits them alike;
+        # each figure printed is the median over the rounds.
+        for _ in range(args.rounds):
+            for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
+                for name, (port, prefix, proc) in targets.items():
+                    url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
+                    runs.setdefault((mode, name), []).append(
+                        measure(driver, proc.pid, url, headers, BODY % extra, bool(extra), args, tmp))
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+    report(runs, args, driver)
+
+
+def measure(driver: str, pid: int, url: str, headers: dict, body: bytes, stream: bool, args, tmp: Path) -> dict:
+    cpu_before, began = cpu_seconds(pid), time.perf_counter()
+    if driver == "wrk":
+        result = drive_wrk(url, headers, body, args.seconds, args.concurrency, tmp)
+    else:
+        result = asyncio.run(drive(url, headers, body, stream, args.seconds, args.concurrency))
+    # The server's CPU per request (warm-up on both sides of the division).
+    served = result["rps"] * (time.perf_counter() - began)
+    result["cpu_us"] = (cpu_seconds(pid) - cpu_before) / max(served, 1) * 1e6
+    return result
+
+
+def report(runs: dict, args, driver: str) -> None:
+    def median(name: str, key: str, mode: str) -> float:
+        return statistics.median(r[key] for r in runs[(mode, name)])
 
     print(f"\nLLM passthrough benchmark: {os.cpu_count()} CPUs, concurrency {args.concurrency}, "
-          f"{args.seconds:g} s per scenario, {args.chunks} chunks per stream, "
-          f"database {'PostgreSQL' if args.database_url else 'SQLite'}, load from {driver}\n")
+          f"{args.seconds:g} s per scenario, median of {args.rounds} rounds, {args.chunks} chunks per stream, "
+          f"{args.upstream} upstream, database {'PostgreSQL' if args.database_url else 'SQLite'}, load from {driver}\n")
     print(f"{'scenario':<15} {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} "
           f"{'server CPU us/req':>18}")
-    for (mode, name), r in results.items():
-        ratio = r["rps"] / results[(mode, "direct")]["rps"]
-        print(f"{mode:<15} {name:<13} {r['rps']:>8.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7} "
-              f"{ratio:>6.2f} {r['cpu_us']:>18.0f}")
+    for mode, name in runs:
+        rps = median(name, "rps", mode)
+        ratio = rps / median("direct", "rps", mode)
+        errors = sum(r["errors"] for r in runs[(mode, name)])
+        print(f"{mode:<15} {name:<13} {rps:>8.0f} {median(name, 'p50', mode):>8.1f} "
+              f"{median(name, 'p99', mode):>8.1f} {errors:>7} {ratio:>6.2f} {median(name, 'cpu_us', mode):>18.0f}")
     print("\ntargets: mediagate >= 0.35 of direct non-streaming, >= 0.50 streaming")
 
 

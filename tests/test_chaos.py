@@ -306,11 +306,12 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
                 assert event["data"]["refunded"] == task.refunded
         assert receiver.bad_signatures == 0
 
-        worker_log = "".join((data_dir / f"worker-{n}.log").read_text(errors="replace") for n in range(5))
+        taken_up_again = sum(1 for t in tasks.values() if t.attempts > 1)
         print(f"chaos: {TASKS} tasks submitted in {submitted:.1f}s, all ended and delivered after "
               f"{settled:.1f}s; {dict(statuses)}; {replays} idempotent replays, {cancels} cancels; "
-              f"receiver refused {receiver.refused} attempts; workers lost: "
-              f"{worker_log.count('worker_lost')} mentions")
+              f"{taken_up_again} tasks taken up again after their worker died; "
+              f"receiver refused {receiver.refused} attempts")
+        assert taken_up_again > 0, "no task was in flight on a killed worker: the test proved nothing"
         assert statuses["completed"] > TASKS // 4 and statuses["failed"] > TASKS // 10
     finally:
         for worker in workers:

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from app import ledger, urls
 from app.auth import require
-from app.db import run
+from app.db import run, run_single
 from app.errors import APIError, insufficient_balance, invalid, not_found
 from app.images import service, validation
 
@@ -99,7 +99,7 @@ async def create_generation(request: Request) -> JSONResponse:
     replayed = False
     try:
         if key is None:
-            task = await run(state.engine, service.submit, principal, parsed)
+            task = await run_single(state.engine, service.submit, principal, parsed)
         else:
             task, replayed = await run(state.engine, service.submit_once, principal, parsed, key,
                                        request_hash(body))

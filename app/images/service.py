@@ -31,20 +31,23 @@ def submit(conn: Connection, principal: Principal, request: GenerationRequest, *
     Raises ledger.InsufficientBalance (nothing written) when the balance is short.
     The task row doubles as the outbox entry: the relay hands it to the broker
     after this transaction commits (dispatched_at is NULL until then).
-    The row is written before the debit so that, with an idempotency key, a racing
-    duplicate waits on the unique (account_id, idempotency_key) index, not on the balance.
+    On PostgreSQL the debit, ledger row and task row are one statement (see
+    ledger.charge_with_row). Elsewhere the row is written before the debit so that,
+    with an idempotency key, a racing duplicate waits on the unique
+    (account_id, idempotency_key) index, not on the balance.
     """
     task_id = new_task_id()
     charge = request.model.prices[request.resolution]
     now = utcnow()
-    conn.execute(insert(ImageTask).values(
-        id=task_id, account_id=principal.account_id, api_key_id=principal.key_id, model=request.model.name,
-        prompt=request.prompt, size=request.size, resolution=request.resolution, n=request.n,
-        image_urls=request.image_urls, webhook_url=request.webhook_url, charge=charge, status="pending",
-        idempotency_key=idempotency_key, request_hash=request_hash, created_at=now, updated_at=now,
-    ))
-    ledger.charge(conn, principal.account_id, charge, reference=task_id,
-                  note=f"image {request.model.name} {request.resolution}")
+    ledger.charge_with_row(
+        conn, principal.account_id, charge, reference=task_id, note=f"image {request.model.name} {request.resolution}",
+        table=ImageTask.__table__,
+        values=dict(id=task_id, account_id=principal.account_id, api_key_id=principal.key_id, model=request.model.name,
+                    prompt=request.prompt, size=request.size, resolution=request.resolution, n=request.n,
+                    image_urls=request.image_urls, webhook_url=request.webhook_url, charge=charge, status="pending",
+                    refunded=False, attempts=0, idempotency_key=idempotency_key, request_hash=request_hash,
+                    created_at=now, updated_at=now),
+    )
     return {"task_id": task_id, "status": "pending", "model": request.model.name, "charge": money.render(charge)}
 
 
@@ -79,7 +82,9 @@ def submit_once(conn: Connection, principal: Principal, request: GenerationReque
     try:
         with conn.begin_nested():
             answer = submit(conn, principal, request, idempotency_key=idempotency_key, request_hash=request_hash)
-    except IntegrityError:
+    except (IntegrityError, ledger.InsufficientBalance):
+        # A racing duplicate committed first: we hit its row in the unique index, or (on
+        # PostgreSQL, where the debit comes first in one statement) found the balance it spent.
         found = existing()
         if found is None:  # not our key's conflict after all
             raise

@@ -35,7 +35,8 @@ class ProxyResponse:
         self.status: int | None = None
         self.raw_usage: dict | None = None
         self.ttfb: float | None = None
-        self.done = False
+        self.started = False  # the response's head went out
+        self.done = False  # ... and its last byte
         self.disconnected = False
 
     async def __call__(self, scope, receive, send) -> None:
@@ -74,8 +75,10 @@ class ProxyResponse:
                 body = await response.read()
                 await self._whole(response.status, headers, body, send)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            if self.done or self.ttfb is not None:
-                raise
+            if self.started:
+                # A server that raises on sending to a client who left (ASGI 2.4): a disconnect.
+                self.disconnected = not self.done
+                return
             # Nothing was sent yet: answer with the gateway's own error, in the client's format.
             timed_out = isinstance(exc, asyncio.TimeoutError)
             log.warning("upstream %s for %s failed before answering: %r", call.model.provider.name, call.id, exc)
@@ -97,6 +100,7 @@ class ProxyResponse:
         if 200 <= status < 300:
             self.raw_usage = from_body(self.call.api, body)
         headers.append((b"content-length", str(len(body)).encode()))
+        self.started = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self.ttfb = time.perf_counter()
         self.done = True
@@ -105,8 +109,9 @@ class ProxyResponse:
     async def _stream(self, response: aiohttp.ClientResponse, headers: list, send) -> None:
         call = self.call
         meter = meter_for(call.api, strip=call.strip_usage, sse=call.sse)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         strip = call.strip_usage
+        self.started = True
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         message = {"type": "http.response.body", "body": b"", "more_body": True}
         try:
             async for chunk in response.content.iter_any():
@@ -117,22 +122,20 @@ class ProxyResponse:
                     if not chunk:
                         continue
                 message["body"] = chunk
-                await send(message)
+                await send(message)  # first to the client, then to the meter
                 if not strip:
                     meter.feed(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            # The upstream broke off mid-stream. Charge what it reported so far and end the
-            # client's response the same way (no final chunk), so its SDK raises too.
-            meter.finish()
-            self.raw_usage = meter.raw
+            # The upstream broke off mid-stream. Charge what it reported so far, and end the
+            # client's response the same way (without its last chunk), so its SDK raises too.
             log.warning("upstream %s broke off the stream of %s: %r", call.model.provider.name, call.id, exc)
             return
         finally:
+            # Also on a disconnect (cancellation): what was metered so far is what is charged.
+            tail = meter.flush() if strip else b""
+            if not strip:
+                meter.finish()
             self.raw_usage = meter.raw
-        tail = meter.flush() if strip else b""
-        if not strip:
-            meter.finish()
-        self.raw_usage = meter.raw
         self.done = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 

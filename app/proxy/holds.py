@@ -87,8 +87,9 @@ class HoldPool:
         pool.in_flight -= amount
         pool.total -= amount
 
-    def give_back(self, *, idle_for: float = IDLE_SECONDS) -> None:
-        """Hand back the free part of pools unused for `idle_for` seconds (0: all)."""
+    def give_back(self, *, idle_for: float | None = None) -> None:
+        """Hand back pools unused for `idle_for` seconds (default IDLE_SECONDS; 0: all idle ones)."""
+        idle_for = IDLE_SECONDS if idle_for is None else idle_for
         now = time.monotonic()
         for account_id, pool in list(self._pools.items()):
             if pool.in_flight == 0 and now - pool.used_at >= idle_for and not pool.lock.locked():

@@ -83,7 +83,7 @@ def write(conn: Connection, items: list) -> None:
             charged -= row["cost"]
             rows.append(row)
     if rows:
-        conn.execute(insert(UsageRecord), rows)
+        conn.execute(insert(UsageRecord.__table__), rows)  # Core: no ORM bulk-insert machinery
 
 
 class UsageRecorder:

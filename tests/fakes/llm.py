@@ -279,8 +279,10 @@ class FakeLLMUpstream:
         given = headers.get("x-api-key") if fmt == "anthropic" else (
             headers.get("x-goog-api-key") if fmt == "gemini" else headers.get("authorization"))
         p = Plan(body)
-        if p.wait:
-            await asyncio.sleep(p.wait)
+        if p.wait and await self._client_left(receive, p.wait):
+            if p.tag:
+                self.closed[p.tag].set()
+            return
         if given != KEYS[fmt]:
             return await self._whole(send, fmt, 401, error_body(fmt, 401, "invalid upstream key"), p)
         if p.status:
@@ -291,7 +293,7 @@ class FakeLLMUpstream:
             if method == "generateContent":
                 return await self._whole(send, fmt, 200, gemini_body(p, model), p)
             sse = "alt=sse" in query
-            return await self._stream(send, receive, fmt, gemini_events(p, model, sse), p, offset=0 if sse else 0,
+            return await self._stream(send, receive, fmt, gemini_events(p, model, sse), p, offset=0,
                                       content_type=b"text/event-stream" if sse else b"application/json; charset=UTF-8")
         model = request["model"]
         stream = request.get("stream") is True
@@ -307,6 +309,19 @@ class FakeLLMUpstream:
         if not stream:
             return await self._whole(send, fmt, 200, messages_body(p, model), p)
         return await self._stream(send, receive, fmt, messages_events(p, model), p, offset=3)
+
+    @staticmethod
+    async def _client_left(receive, seconds: float) -> bool:
+        """Wait `seconds`; True if the client went away meanwhile."""
+        async def gone():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            await asyncio.wait_for(gone(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _whole(self, send, fmt, status, body, p: Plan):
         await send({"type": "http.response.start", "status": status,

@@ -26,6 +26,9 @@ def llm_upstream():
 def gateway(database, llm_upstream):
     """The app served by uvicorn on loopback, as SDKs and agents reach it."""
     from app.main import create_app
+    from app.proxy import holds
+
+    holds.IDLE_SECONDS = 0.3  # idle hold pools go back quickly, so tests see `held` return to zero soon
 
     with ThreadedServer(create_app(), log_level="critical", limit_concurrency=2000, backlog=2048) as server:
         yield server
