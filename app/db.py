@@ -51,7 +51,10 @@ def make_async_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _sqlite_setup(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    # No overflow: a connection opened for a burst and closed after it costs more (connect,
+    # DNS lookup in a thread, TLS) than waiting a moment for a pooled one; requests are one
+    # or two round trips each.
+    return create_async_engine(url, pool_size=pool_size, max_overflow=0)
 
 
 async def run(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
