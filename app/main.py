@@ -29,7 +29,8 @@ KEY_USE_FLUSH_SECONDS = 30.0
 
 
 def api_routes() -> list:
-    return [*image_routes.routes, *webhook_routes.routes, *account_routes.routes, *proxy_routes.routes]
+    # The LLM passthrough first: it is the busiest path, and none of the others' paths overlap it.
+    return [*proxy_routes.routes, *image_routes.routes, *webhook_routes.routes, *account_routes.routes]
 
 
 async def _flush_key_use(app: Starlette) -> None:

@@ -95,6 +95,19 @@ prices = {{ "1k" = "0.01", "2k" = "0.02" }}
 sizes = ["1:1", "3:2", "2:3"]
 resolutions = ["1k", "2k"]
 
+[providers.fakeslow]
+format = "openai"
+base_url = "{UPSTREAM}/openai/v1"
+api_key = "sk-upstream-openai"
+timeout = 0.5
+
+[[models]]
+name = "slow-image"
+provider = "fakeslow"
+api = "image"
+upstream_model = "gpt-image-2"
+prices = {{ "1k" = "0.012", "2k" = "0.024", "4k" = "0.048" }}
+
 [[models]]
 name = "gemini-image"
 provider = "fakegemini"

@@ -169,8 +169,8 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
         for t in starters:
             t.start()
         with ThreadedServer(receiver.app, limit_concurrency=1000) as hooks, \
-                ThreadedServer(create_app(settings), limit_concurrency=1000) as gateway:
-            client = httpx.Client(base_url=gateway.url, timeout=30)
+                ThreadedServer(create_app(settings), limit_concurrency=1000) as gateway, \
+                httpx.Client(base_url=gateway.url, timeout=30) as client:
             for t in starters:
                 t.join()
             assert len(workers) == 3, "a worker did not start"
@@ -269,7 +269,6 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
                     f"{deliveries} webhooks not delivered, {len(receiver.delivered)} received (seed {SEED})")
                 time.sleep(0.5)
             settled = time.monotonic() - started
-            client.close()
 
         with engine.connect() as conn:
             tasks = {row.id: row for row in conn.execute(select(ImageTask)).all()}

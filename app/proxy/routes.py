@@ -17,29 +17,22 @@ from app.proxy.forward import ProxyResponse
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
 
 
-async def _proxy(request: Request, api: str, version: str = "v1beta") -> ProxyResponse:
-    call = await calls.prepare(request, api, version=version)
-    return ProxyResponse(call, request.app.state.llm, family_for(request.url.path, request.headers))
+class Passthrough:
+    """POST endpoint forwarding one API format, as a bare ASGI app.
 
+    Not a request/response function: Starlette would then wrap every `send`,
+    and a stream sends once per chunk. Errors still reach the app's handlers.
+    """
 
-async def chat_completions(request: Request) -> ProxyResponse:
-    return await _proxy(request, CHAT)
+    def __init__(self, api: str, version: str = "v1beta"):
+        self.api = api
+        self.version = version
 
-
-async def responses(request: Request) -> ProxyResponse:
-    return await _proxy(request, RESPONSES)
-
-
-async def messages(request: Request) -> ProxyResponse:
-    return await _proxy(request, MESSAGES)
-
-
-async def gemini_v1beta(request: Request) -> ProxyResponse:
-    return await _proxy(request, GEMINI, "v1beta")
-
-
-async def gemini_v1(request: Request) -> ProxyResponse:
-    return await _proxy(request, GEMINI, "v1")
+    async def __call__(self, scope, receive, send) -> None:
+        request = Request(scope, receive)
+        call = await calls.prepare(request, self.api, version=self.version)
+        family = family_for(scope["path"], request.headers)
+        await ProxyResponse(call, request.app.state.llm, family)(scope, receive, send)
 
 
 def _models(request: Request, *apis: str) -> list:
@@ -120,13 +113,13 @@ async def _csv(engine, account_id: int, filters: records.Filters, cursor: str | 
 
 
 routes = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/responses", responses, methods=["POST"]),
-    Route("/api.openai.com/v1/responses", responses, methods=["POST"]),
-    Route("/v1/messages", messages, methods=["POST"]),
-    Route("/anthropic/v1/messages", messages, methods=["POST"]),
-    Route("/v1beta/models/{target:path}", gemini_v1beta, methods=["POST"]),
-    Route("/v1/models/{target:path}", gemini_v1, methods=["POST"]),
+    Route("/v1/chat/completions", Passthrough(CHAT), methods=["POST"]),
+    Route("/v1/responses", Passthrough(RESPONSES), methods=["POST"]),
+    Route("/api.openai.com/v1/responses", Passthrough(RESPONSES), methods=["POST"]),
+    Route("/v1/messages", Passthrough(MESSAGES), methods=["POST"]),
+    Route("/anthropic/v1/messages", Passthrough(MESSAGES), methods=["POST"]),
+    Route("/v1beta/models/{target:path}", Passthrough(GEMINI, "v1beta"), methods=["POST"]),
+    Route("/v1/models/{target:path}", Passthrough(GEMINI, "v1"), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/api.openai.com/v1/models", list_responses_models, methods=["GET"]),
     Route("/anthropic/models", list_anthropic_models, methods=["GET"]),

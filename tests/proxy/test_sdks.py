@@ -172,5 +172,6 @@ def test_gemini_generate_content_stream_v1beta(base, account, engine, llm_upstre
 
 
 def test_gemini_models_list(base, account):
-    client = gemini_client(base, account.key, "v1beta")
-    assert [m.name for m in client.models.list()] == ["models/gemini-2.5-flash"]
+    for version in ("v1beta", None):  # None: the SDK's default, GET /v1/models with x-goog-api-key
+        client = gemini_client(base, account.key, version)
+        assert [m.name for m in client.models.list()] == ["models/gemini-2.5-flash"]

@@ -143,6 +143,16 @@ def test_transient_errors_exhaust_retries_then_fail_and_refund(client, worker, f
     assert [kind for kind, _ in ledger_rows(engine, account.id)] == ["topup", "charge", "refund"]
 
 
+def test_an_upstream_timeout_is_retried_then_fails_and_refunds(client, worker, fake_images, engine, settings,
+                                                               account):
+    prompt = unique("[sleep:1.5] too slow")  # the provider's timeout is 0.5 s in the test catalog
+    task = wait_for_task(client, account.headers, submit(client, account, model="slow-image", prompt=prompt))
+    assert task["status"] == "failed" and task["error"]["code"] == "upstream_timeout", task
+    assert task["refunded"] is True
+    assert fake_images.count(prompt) == settings.backend_retries + 1
+    assert [kind for kind, _ in ledger_rows(engine, account.id)] == ["topup", "charge", "refund"]
+
+
 def test_a_message_delivered_twice_runs_once(client, worker, fake_images, account, settings):
     from workers.celery_app import GENERATE, make_celery
 
