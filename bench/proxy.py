@@ -222,6 +222,7 @@ def main() -> None:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
     report(runs, args, driver)
 
 

@@ -6,7 +6,7 @@ import base64
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app import ledger, money
