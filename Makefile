@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install chromium serve test test-integration bench clean
+.PHONY: install chromium serve test test-integration bench bench-proxy clean
 
 install: $(VENV)/.installed
 
@@ -31,8 +31,13 @@ test-integration: install chromium
 	MEDIAGATE_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
 	MEDIAGATE_TEST_REDIS_URL=redis://127.0.0.1:6379/14 $(PY) -m pytest -q
 
+# Submits through mediagate against pgbench (local PostgreSQL and Redis; installs wrk if missing).
 bench: install
 	$(PY) -m bench.submit
+
+# The LLM passthrough against a loopback fake upstream, direct and through mediagate.
+bench-proxy: install
+	$(PY) -m bench.proxy --compare-clients
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

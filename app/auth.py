@@ -7,6 +7,7 @@ time. Key use times are collected here and written in batches by the lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ class Authenticator:
         self._engine = engine
         self._ttl = ttl
         self._cache: dict[str, tuple[Principal | None, float]] = {}
+        # One database lookup per key at a time: requests that find the entry expired
+        # while a lookup is under way wait for it instead of each querying.
+        self._lookups: dict[str, asyncio.Future] = {}
         self._used: set[int] = set()
 
     async def authenticate(self, request: Request, *, google: bool = False) -> Principal:
@@ -61,16 +65,30 @@ class Authenticator:
         if cached is not None and cached[1] > now:
             principal = cached[0]
         else:
-            async with self._engine.connect() as conn:
-                found = await conn.run_sync(keys.lookup, key)
-            principal = Principal(account_id=found[1], key_id=found[0]) if found else None
-            if len(self._cache) >= self.MAX_ENTRIES:
-                self._cache.clear()
-            self._cache[digest] = (principal, now + self._ttl)
+            lookup = self._lookups.get(digest)
+            if lookup is None:
+                # A task of its own: a client that disconnects mid-lookup cancels only its wait.
+                lookup = self._lookups[digest] = asyncio.ensure_future(self._lookup(key, digest, now))
+                lookup.add_done_callback(lambda done: self._lookup_done(digest, done))
+            principal = await asyncio.shield(lookup)
         if principal is None:
             raise unauthorized("Invalid or revoked API key.")
         self._used.add(principal.key_id)
         return principal
+
+    async def _lookup(self, key: str, digest: str, now: float) -> Principal | None:
+        async with self._engine.connect() as conn:
+            found = await conn.run_sync(keys.lookup, key)
+        principal = Principal(account_id=found[1], key_id=found[0]) if found else None
+        if len(self._cache) >= self.MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[digest] = (principal, now + self._ttl)
+        return principal
+
+    def _lookup_done(self, digest: str, done: asyncio.Future) -> None:
+        self._lookups.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: a failed lookup that nobody waits on any more logs nothing
 
     def forget(self) -> None:
         self._cache.clear()

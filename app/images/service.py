@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app import ledger, money
 from app.auth import Principal
-from app.errors import APIError, invalid
+from app.errors import APIError
 from app.images.validation import GenerationRequest
 from app.models import ImageTask, utcnow
+from app.pagination import decode_cursor, encode_cursor, older_than
 
 TERMINAL = ("completed", "failed", "canceled")
 STATUSES = ("pending", "processing", *TERMINAL)
@@ -108,19 +108,6 @@ def cancel(conn: Connection, account_id: int, task_id: str) -> dict | None:
     return get(conn, account_id, task_id)
 
 
-def _encode_cursor(created_at: datetime, task_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{task_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        when, task_id = raw.split("|", 1)
-        return datetime.fromisoformat(when), task_id
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("cursor", "'cursor' is not a cursor this API returned.") from None
-
-
 def list_tasks(conn: Connection, account_id: int, *, statuses: tuple[str, ...] = (), limit: int = 20,
                cursor: str | None = None) -> dict:
     """The account's tasks, newest first: {"data", "has_more", "next_cursor"} (pass it back as `cursor`)."""
@@ -128,15 +115,13 @@ def list_tasks(conn: Connection, account_id: int, *, statuses: tuple[str, ...] =
     if statuses:
         stmt = stmt.where(ImageTask.status.in_(statuses))
     if cursor:
-        created_at, task_id = _decode_cursor(cursor)
-        stmt = stmt.where(or_(ImageTask.created_at < created_at,
-                              and_(ImageTask.created_at == created_at, ImageTask.id < task_id)))
+        stmt = stmt.where(older_than(decode_cursor(cursor), ImageTask.created_at, ImageTask.id))
     rows = conn.execute(stmt.order_by(ImageTask.created_at.desc(), ImageTask.id.desc())
                         .limit(limit + 1)).mappings().all()
     more = len(rows) > limit
     rows = rows[:limit]
     return {"object": "list", "data": [render(row) for row in rows], "has_more": more,
-            "next_cursor": _encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None}
+            "next_cursor": encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None}
 
 
 def get(conn: Connection, account_id: int, task_id: str) -> dict | None:

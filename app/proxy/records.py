@@ -5,18 +5,18 @@ Sync functions on a `Connection`; the routes (and the dashboard) run them.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, select
 
 from app import money
 from app.errors import invalid
 from app.keys import DISPLAY_CHARS
 from app.models import ApiKey, UsageRecord
+from app.pagination import decode_cursor, encode_cursor, older_than
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
@@ -75,19 +75,6 @@ def parse_limit(value: str | None) -> int:
     return int(value)
 
 
-def encode_cursor(created_at: datetime, record_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{record_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        moment, record_id = raw.split("|", 1)
-        return datetime.fromisoformat(moment), record_id
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("cursor", "cursor: not a cursor this API gave out.") from None
-
-
 def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | None = None,
          limit: int = DEFAULT_LIMIT) -> tuple[list[dict], str | None]:
     """Up to `limit` rows newest first, and the cursor of the next page (None at the end)."""
@@ -105,9 +92,7 @@ def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | N
     if filters.key_prefix:
         stmt = stmt.where(ApiKey.prefix == filters.key_prefix)
     if cursor:
-        moment, record_id = decode_cursor(cursor)
-        stmt = stmt.where(or_(UsageRecord.created_at < moment,
-                              and_(UsageRecord.created_at == moment, UsageRecord.id < record_id)))
+        stmt = stmt.where(older_than(decode_cursor(cursor), UsageRecord.created_at, UsageRecord.id))
     stmt = stmt.order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit + 1)
     found = conn.execute(stmt).all()
     # On a Core Connection the entity's columns come flattened into each row, beside `prefix`.

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from app import pagination
 from app.auth import require
 from app.errors import family_for
 from app.proxy import calls, models_list, records
@@ -88,7 +89,7 @@ async def usage(request: Request):
     if params.get("format") == "csv":
         cursor = params.get("cursor")
         if cursor:
-            records.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
+            pagination.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
         return StreamingResponse(_csv(engine, principal.account_id, filters, cursor), media_type="text/csv",
                                  headers={"content-disposition": 'attachment; filename="usage.csv"'})
     limit = records.parse_limit(params.get("limit"))
