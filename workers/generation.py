@@ -12,7 +12,7 @@ import time
 
 from app.images import lifecycle
 from app.images.dimensions import dimensions
-from workers import imaging, references
+from workers import events, imaging, references
 from workers.backends.base import BackendError, ImageJob, PermanentError
 from workers.context import WorkerContext
 
@@ -36,8 +36,6 @@ def run(ctx: WorkerContext, task_id: str) -> str:
     with ctx.engine.begin() as conn:
         done = lifecycle.complete(conn, task_id, urls)
     if done:
-        from workers import events
-
         events.task_ended(ctx, task_id)
     return "completed" if done else "lost"
 
@@ -46,8 +44,6 @@ def _fail(ctx: WorkerContext, task_id: str, code: str, message: str) -> str:
     with ctx.engine.begin() as conn:
         failed = lifecycle.fail(conn, task_id, code, message)
     if failed:
-        from workers import events
-
         events.task_ended(ctx, task_id)
     return "failed" if failed else "lost"
 
@@ -57,7 +53,8 @@ def _generate(ctx: WorkerContext, task: dict) -> list[str]:
     if model is None:
         raise PermanentError("model_unavailable", f"The model {task['model']!r} is no longer offered.")
     width, height = dimensions(task["size"], task["resolution"])
-    refs = references.resolve(task["image_urls"] or [], ctx.outbound, ctx.settings.max_reference_bytes)
+    refs = _with_retries(ctx, task["id"], lambda: references.resolve(task["image_urls"] or [], ctx.outbound,
+                                                                     ctx.settings.max_reference_bytes))
     job = ImageJob(task["prompt"], task["size"], task["resolution"], width, height, model.upstream_model, refs)
     backend = ctx.backend(model.provider)
     images = _with_retries(ctx, task["id"], lambda: backend.generate(job))

@@ -59,6 +59,7 @@ class FakeImageUpstream:
             Route("/openai/v1/images/generations", self.openai_generations, methods=["POST"]),
             Route("/openai/v1/images/edits", self.openai_edits, methods=["POST"]),
             Route("/gemini/v1beta/models/{rest:path}", self.gemini, methods=["POST"]),
+            Route("/files/{name}", self.reference_file, methods=["GET"]),
         ])
 
     def reset_peak(self) -> None:
@@ -102,6 +103,19 @@ class FakeImageUpstream:
         dims = _marker(prompt, "dims")
         width, height = (int(v) for v in dims.split("x")) if dims else default
         return png(width, height, prompt)
+
+    # Reference images: GET /files/{name}; "flaky-N-..." answers 503 N times first ----------
+    async def reference_file(self, request: Request):
+        from starlette.responses import Response
+
+        name = request.path_params["name"]
+        with self._lock:
+            self.per_prompt["GET " + name] += 1
+            seen = self.per_prompt["GET " + name]
+        match = re.match(r"flaky-(\d+)-", name)
+        if match and seen <= int(match.group(1)):
+            return Response("busy", status_code=503)
+        return Response(png(32, 24, name), media_type="image/png")
 
     # OpenAI ---------------------------------------------------------------
     async def openai_generations(self, request: Request) -> JSONResponse:

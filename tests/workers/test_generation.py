@@ -103,6 +103,30 @@ def test_reference_images_reach_openai_edits_and_gemini_inline_data(client, work
     assert base64.b64decode(part["data"]) == base64.b64decode(ref.split(",", 1)[1])
 
 
+def test_reference_urls_are_downloaded_with_retries_and_sent_upstream(client, worker, fake_images, account):
+    from tests.conftest import UPSTREAM
+
+    name = f"flaky-2-{uuid.uuid4().hex[:8]}.png"
+    prompt = unique("from a url")
+    task = wait_for_task(client, account.headers, submit(client, account, model="gpt-image-2", prompt=prompt,
+                                                         image_urls=[f"{UPSTREAM}/files/{name}"]))
+    assert task["status"] == "completed", task
+    assert fake_images.per_prompt["GET " + name] == 3  # two 503s, then the image
+    (call,) = [c for c in fake_images.calls if c["prompt"] == prompt]
+    assert call["path"] == "/openai/v1/images/edits"
+    assert Image.open(io.BytesIO(call["images"][0])).size == (32, 24)
+
+
+def test_a_reference_url_that_is_not_an_image_fails_and_refunds(client, worker, fake_images, account):
+    from tests.conftest import UPSTREAM
+
+    task = wait_for_task(client, account.headers, submit(
+        client, account, model="gpt-image-2", prompt=unique("bad ref"),
+        image_urls=[f"{UPSTREAM}/openai/v1/images/generations"]))  # answers 405, not an image
+    assert task["status"] == "failed" and task["error"]["code"] == "bad_reference_image", task
+    assert task["refunded"] is True
+
+
 @pytest.mark.parametrize("model, marker, code", [
     ("gpt-image-2", "[status:400]", "upstream_rejected"),
     ("gpt-image-2", "[blocked]", "upstream_rejected"),
