@@ -146,7 +146,7 @@ def cmd_keys(args) -> None:
                 if not count:
                     sys.exit(f"mediagate: no live key starts with {args.prefix!r}")
                 print(f"revoked {count} key(s)", file=sys.stderr)
-    except accounts.AccountError as exc:
+    except (accounts.AccountError, keys.AmbiguousPrefix) as exc:
         sys.exit(f"mediagate: {exc}")
     finally:
         engine.dispose()

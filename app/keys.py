@@ -39,14 +39,24 @@ def create(conn: Connection, account_id: int, name: str = "") -> NewKey:
     return NewKey(key_id, key, prefix)
 
 
+class AmbiguousPrefix(Exception):
+    """A display prefix that more than one live key shares: the whole key is needed."""
+
+
 def revoke(conn: Connection, prefix: str, account_id: int | None = None) -> int:
-    """Revoke the live keys starting with `prefix` (of `account_id`, if given); returns how many."""
-    stmt = update(ApiKey).where(ApiKey.prefix == prefix[:DISPLAY_CHARS], ApiKey.revoked_at.is_(None))
-    if len(prefix) > DISPLAY_CHARS:
-        stmt = stmt.where(ApiKey.key_hash == hash_key(prefix))
+    """Revoke the live key given whole, or by its display prefix (of `account_id`, if given);
+    returns how many (0 or 1). Raises AmbiguousPrefix rather than revoke several keys."""
+    conditions = [ApiKey.revoked_at.is_(None),
+                  ApiKey.key_hash == hash_key(prefix) if len(prefix) > DISPLAY_CHARS else ApiKey.prefix == prefix]
     if account_id is not None:
-        stmt = stmt.where(ApiKey.account_id == account_id)
-    return conn.execute(stmt.values(revoked_at=utcnow())).rowcount
+        conditions.append(ApiKey.account_id == account_id)
+    ids = conn.execute(select(ApiKey.id).where(*conditions)).scalars().all()
+    if len(ids) > 1:
+        raise AmbiguousPrefix(f"{len(ids)} live keys start with {prefix!r}; give the whole key")
+    if not ids:
+        return 0
+    return conn.execute(update(ApiKey).where(ApiKey.id == ids[0], ApiKey.revoked_at.is_(None))
+                        .values(revoked_at=utcnow())).rowcount
 
 
 def revoke_by_id(conn: Connection, key_id: int, account_id: int) -> bool:

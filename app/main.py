@@ -112,6 +112,6 @@ async def _gone(request: Request, exc: ClientDisconnect) -> Response:
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = APIError(500, "The gateway failed unexpectedly; nothing was charged for this request.",
+    error = APIError(500, "The gateway failed unexpectedly. Check your task list or usage before you retry.",
                      code="internal_error", type="server_error")
     return error.response(family_for(request.url.path, request.headers))

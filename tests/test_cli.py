@@ -41,3 +41,19 @@ def test_cli_errors_are_messages_not_tracebacks(capsys):
         main(["keys", "revoke", "llm_nothing0"])
     with pytest.raises(SystemExit, match="float|amount"):
         main(["accounts", "create", f"x-{uuid.uuid4().hex[:6]}@example.com", "--balance", "lots"])
+
+
+def test_revoking_by_a_prefix_two_keys_share_is_refused(capsys, engine, make_account):
+    from sqlalchemy import update
+
+    from app.models import ApiKey
+
+    first, second = make_account(), make_account()
+    with engine.begin() as conn:  # force the (astronomically unlikely) collision of display prefixes
+        conn.execute(update(ApiKey).where(ApiKey.account_id.in_([first.id, second.id]))
+                     .values(prefix="llm_collide0"))
+    with pytest.raises(SystemExit, match="2 live keys start with"):
+        main(["keys", "revoke", "llm_collide0"])
+    run(capsys, "keys", "revoke", first.key)  # the whole key is unambiguous
+    with pytest.raises(SystemExit, match="no live key"):
+        main(["keys", "revoke", first.key])

@@ -26,23 +26,25 @@ def run(ctx: WorkerContext, task_id: str) -> str:
         task = lifecycle.claim(conn, task_id, settings.task_lease_seconds)
     if task is None:
         return "skipped"
+    attempt = task["attempts"]
     try:
         urls = _generate(ctx, task)
     except BackendError as exc:
-        return _fail(ctx, task_id, exc.code, exc.message)
+        return _fail(ctx, task_id, attempt, exc.code, exc.message)
     except Exception as exc:  # a bug must not keep the charge: fail and refund, and say so in the log
         log.exception("task %s crashed", task_id)
-        return _fail(ctx, task_id, "internal_error", f"The worker failed unexpectedly ({type(exc).__name__}).")
+        return _fail(ctx, task_id, attempt, "internal_error",
+                     f"The worker failed unexpectedly ({type(exc).__name__}).")
     with ctx.engine.begin() as conn:
-        done = lifecycle.complete(conn, task_id, urls)
+        done = lifecycle.complete(conn, task_id, urls, attempt)
     if done:
         events.task_ended(ctx, task_id)
     return "completed" if done else "lost"
 
 
-def _fail(ctx: WorkerContext, task_id: str, code: str, message: str) -> str:
+def _fail(ctx: WorkerContext, task_id: str, attempt: int, code: str, message: str) -> str:
     with ctx.engine.begin() as conn:
-        failed = lifecycle.fail(conn, task_id, code, message)
+        failed = lifecycle.fail(conn, task_id, code, message, attempt)
     if failed:
         events.task_ended(ctx, task_id)
     return "failed" if failed else "lost"
@@ -53,11 +55,11 @@ def _generate(ctx: WorkerContext, task: dict) -> list[str]:
     if model is None:
         raise PermanentError("model_unavailable", f"The model {task['model']!r} is no longer offered.")
     width, height = dimensions(task["size"], task["resolution"])
-    refs = _with_retries(ctx, task["id"], lambda: references.resolve(task["image_urls"] or [], ctx.outbound,
-                                                                     ctx.settings.max_reference_bytes))
+    refs = _with_retries(ctx, task, lambda: references.resolve(task["image_urls"] or [], ctx.outbound,
+                                                               ctx.settings.max_reference_bytes))
     job = ImageJob(task["prompt"], task["size"], task["resolution"], width, height, model.upstream_model, refs)
     backend = ctx.backend(model.provider)
-    images = _with_retries(ctx, task["id"], lambda: backend.generate(job))
+    images = _with_retries(ctx, task, lambda: backend.generate(job))
     if not images:
         raise PermanentError("no_image", "The provider answered without an image.")
     urls = []
@@ -67,19 +69,21 @@ def _generate(ctx: WorkerContext, task: dict) -> list[str]:
     return urls
 
 
-def _with_retries(ctx: WorkerContext, task_id: str, call):
+def _with_retries(ctx: WorkerContext, task: dict, call):
+    """`call()`, retrying transient errors with jittered exponential backoff. The claim's lease
+    is renewed before every try, so it outlives any one call (keep the lease above the timeout)."""
     settings = ctx.settings
     attempt = 0
     while True:
+        with ctx.engine.begin() as conn:
+            if not lifecycle.extend_lease(conn, task["id"], settings.task_lease_seconds, task["attempts"]):
+                raise PermanentError("canceled", "The task ended or was taken up again while it ran.")
         try:
             return call()
         except BackendError as exc:
             if not exc.transient or attempt >= settings.backend_retries:
                 raise
             delay = settings.backend_retry_backoff * (2 ** attempt) * (0.5 + random.random())
-            log.info("task %s: %s, retry %d in %.1fs", task_id, exc.code, attempt + 1, delay)
+            log.info("task %s: %s, retry %d in %.1fs", task["id"], exc.code, attempt + 1, delay)
             attempt += 1
             time.sleep(delay)
-            with ctx.engine.begin() as conn:
-                if not lifecycle.extend_lease(conn, task_id, settings.task_lease_seconds):
-                    raise PermanentError("canceled", "The task ended while it was being retried.") from exc

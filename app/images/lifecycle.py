@@ -36,17 +36,27 @@ def claim(conn: Connection, task_id: str, lease_seconds: int) -> dict | None:
     return dict(conn.execute(select(ImageTask).where(ImageTask.id == task_id)).mappings().one())
 
 
-def extend_lease(conn: Connection, task_id: str, lease_seconds: int) -> bool:
+def _running(task_id: str, attempt: int | None):
+    """The row of a processing task, and of this worker's claim of it when `attempt` is given:
+    a worker whose lease ran out and whose task was claimed again can no longer end it."""
+    conditions = [ImageTask.id == task_id, ImageTask.status == "processing"]
+    if attempt is not None:
+        conditions.append(ImageTask.attempts == attempt)
+    return conditions
+
+
+def extend_lease(conn: Connection, task_id: str, lease_seconds: int, attempt: int | None = None) -> bool:
+    """Keep the claim alive; False when the task is no longer this worker's to run."""
     return conn.execute(
-        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing")
+        update(ImageTask).where(*_running(task_id, attempt))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
     ).rowcount == 1
 
 
-def complete(conn: Connection, task_id: str, urls: list[str]) -> bool:
+def complete(conn: Connection, task_id: str, urls: list[str], attempt: int | None = None) -> bool:
     now = utcnow()
     won = conn.execute(
-        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status == "processing")
+        update(ImageTask).where(*_running(task_id, attempt))
         .values(status="completed", result_urls=urls, updated_at=now, finished_at=now, lease_expires_at=None)
     ).rowcount == 1
     if won:
@@ -55,10 +65,13 @@ def complete(conn: Connection, task_id: str, urls: list[str]) -> bool:
 
 
 def _end_with_refund(conn: Connection, task_id: str, from_status: tuple[str, ...], status: str,
-                     code: str, message: str) -> bool:
+                     code: str, message: str, attempt: int | None = None) -> bool:
     now = utcnow()
+    conditions = [ImageTask.id == task_id, ImageTask.status.in_(from_status)]
+    if attempt is not None:
+        conditions.append(ImageTask.attempts == attempt)
     row = conn.execute(
-        update(ImageTask).where(ImageTask.id == task_id, ImageTask.status.in_(from_status))
+        update(ImageTask).where(*conditions)
         .values(status=status, error_code=code, error_message=message[:2000], refunded=True,
                 updated_at=now, finished_at=now, lease_expires_at=None)
         .returning(ImageTask.account_id, ImageTask.charge)
@@ -70,9 +83,10 @@ def _end_with_refund(conn: Connection, task_id: str, from_status: tuple[str, ...
     return True
 
 
-def fail(conn: Connection, task_id: str, code: str, message: str) -> bool:
-    """processing -> failed, refunding the charge; False if the task was no longer processing."""
-    return _end_with_refund(conn, task_id, ("processing",), "failed", code, message)
+def fail(conn: Connection, task_id: str, code: str, message: str, attempt: int | None = None) -> bool:
+    """processing -> failed, refunding the charge; False if the task was no longer processing
+    (or, with `attempt`, no longer in that claim)."""
+    return _end_with_refund(conn, task_id, ("processing",), "failed", code, message, attempt)
 
 
 def cancel(conn: Connection, task_id: str) -> bool:

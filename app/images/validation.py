@@ -37,9 +37,9 @@ class GenerationRequest:
 
 
 def _string(body: dict, name: str, default: str | None = None) -> str | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
+    value = body.get(name)
+    if value is None:  # absent or null: SDKs send null for parameters left unset
+        return default
     if not isinstance(value, str):
         raise invalid(name, f"'{name}' must be a string.", "invalid_type")
     return value
@@ -91,7 +91,7 @@ def parse(body: object, catalog: Catalog) -> tuple[GenerationRequest, list[int]]
     if size not in allowed:
         raise invalid("size", f"{model.name} at {resolution} supports sizes {', '.join(allowed) or 'none'}.")
 
-    n = body.get("n", 1)
+    n = 1 if body.get("n") is None else body["n"]
     if not isinstance(n, int) or isinstance(n, bool):
         raise invalid("n", "'n' must be an integer.", "invalid_type")
     if n != 1:

@@ -39,6 +39,8 @@ CASES = [
     ({**VALID, "size": "1024x1024"}, "size"),
     ({**VALID, "size": 16}, "size"),
     ({**VALID, "resolution": "8k"}, "resolution"),
+    ({**VALID, "resolution": 4}, "resolution"),
+    ({**VALID, "resolution": ["1k"]}, "resolution"),
     ({**VALID, "resolution": "4k", "size": "1:1"}, "size"),
     ({**VALID, "resolution": "4k", "size": "3:2"}, "size"),
     ({"model": "narrow-image", "prompt": "x", "size": "16:9"}, "size"),
@@ -58,6 +60,10 @@ CASES = [
     ({**VALID, "image_urls": [bomb_uri()]}, "image_urls[0]"),
     ({**VALID, "webhook_url": "javascript:alert(1)"}, "webhook_url"),
     ({**VALID, "webhook_url": 7}, "webhook_url"),
+    ({**VALID, "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
+    ({**VALID, "webhook_url": "https://"}, "webhook_url"),
+    ({**VALID, "prompt": None}, "prompt"),
+    ({**VALID, "model": None}, "model"),
     ({**VALID, "quality": "hd"}, "quality"),
 ]
 
@@ -119,6 +125,16 @@ def test_valid_size_resolution_pairs_are_accepted(client, account, size, resolut
     r = client.post("/v1/images/generations", headers=account.headers,
                     json={**VALID, "size": size, "resolution": resolution, "n": 1, "image_urls": []})
     assert r.status_code == 202, r.text
+
+
+def test_null_optional_parameters_take_their_defaults(client, account):
+    r = client.post("/v1/images/generations", headers=account.headers,
+                    json={**VALID, "size": None, "resolution": None, "n": None, "image_urls": None,
+                          "webhook_url": None})
+    assert r.status_code == 202, r.text
+    task = client.get(f"/v1/tasks/{r.json()['task_id']}", headers=account.headers).json()
+    assert (task["size"], task["resolution"], task["n"]) == ("1:1", "1k", 1)
+    assert r.json()["charge"] == "0.01200"
 
 
 def test_chinese_prompt_is_accepted(client, account):

@@ -79,3 +79,23 @@ def test_a_failed_publish_leaves_the_task_to_be_dispatched_again(engine, app, ac
         pass
     with engine.connect() as conn:
         assert conn.execute(select(ImageTask.dispatched_at).where(ImageTask.id == task_id)).scalar_one() == before
+
+
+def test_a_worker_whose_task_was_taken_up_again_can_no_longer_end_it(engine, app, account):
+    task_id = _task(engine, app, account, dispatched_ago=0)
+    with engine.begin() as conn:
+        first = lifecycle.claim(conn, task_id, lease_seconds=60)["attempts"]
+        conn.execute(update(ImageTask).where(ImageTask.id == task_id)
+                     .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        assert task_id in lifecycle.recover_expired(conn, max_attempts=3)[0]
+        second = lifecycle.claim(conn, task_id, lease_seconds=60)["attempts"]
+    assert second == first + 1
+    with engine.begin() as conn:
+        # The first worker comes back late: its lease, result and failure all lose.
+        assert lifecycle.extend_lease(conn, task_id, 60, first) is False
+        assert lifecycle.complete(conn, task_id, ["http://x/late.png"], first) is False
+        assert lifecycle.fail(conn, task_id, "late", "late failure", first) is False
+        assert lifecycle.extend_lease(conn, task_id, 60, second) is True
+        assert lifecycle.complete(conn, task_id, ["http://x/0.png"], second) is True
+        row = conn.execute(select(ImageTask).where(ImageTask.id == task_id)).mappings().one()
+    assert row["status"] == "completed" and row["result_urls"] == ["http://x/0.png"] and not row["refunded"]

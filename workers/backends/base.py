@@ -7,6 +7,7 @@ an adapter knows httpx. A `TransientError` is retried with backoff, a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,14 +62,26 @@ def http_error(exc: httpx.HTTPError) -> BackendError:
     return TransientError("upstream_unavailable", f"Could not reach the image provider ({type(exc).__name__}).")
 
 
-def status_error(response: httpx.Response, provider: str) -> BackendError:
+# Key-like strings a provider may quote back ("Incorrect API key provided: sk-abc...").
+_SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_*.-]{3,}|AIza[0-9A-Za-z_-]{10,}|llm_[A-Za-z0-9_-]{8,})")
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Provider text as users may see it: no operator key, nor anything shaped like one."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _SECRETS.sub("[redacted]", text)
+
+
+def status_error(response: httpx.Response, provider: str, api_key: str | None = None) -> BackendError:
     """Map a non-2xx answer: 429 and 5xx are transient, the rest permanent."""
     try:
         detail = response.json()
         detail = (detail.get("error") or {}).get("message") or str(detail)
     except Exception:
         detail = response.text[:300]
-    message = f"{provider} answered {response.status_code}: {detail}"[:1000]
+    message = redact(f"{provider} answered {response.status_code}: {detail}"[:1000], api_key)
     if response.status_code == 429 or response.status_code >= 500:
         return TransientError("upstream_unavailable" if response.status_code >= 500 else "upstream_rate_limited",
                               message)

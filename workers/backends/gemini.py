@@ -46,7 +46,7 @@ class GeminiBackend:
         except httpx.HTTPError as exc:
             raise http_error(exc) from None
         if response.status_code != 200:
-            raise status_error(response, "Gemini")
+            raise status_error(response, "Gemini", self.provider.api_key)
         try:
             reply = response.json()
         except ValueError:

@@ -47,7 +47,7 @@ class OpenAIBackend:
         except httpx.HTTPError as exc:
             raise http_error(exc) from None
         if response.status_code != 200:
-            raise status_error(response, "OpenAI")
+            raise status_error(response, "OpenAI", self.provider.api_key)
         try:
             items = response.json().get("data") or []
         except ValueError:
@@ -66,5 +66,5 @@ class OpenAIBackend:
         except httpx.HTTPError as exc:
             raise http_error(exc) from None
         if response.status_code != 200:
-            raise status_error(response, "OpenAI image download")
+            raise status_error(response, "OpenAI image download", self.provider.api_key)
         return response.content
