@@ -4,17 +4,27 @@ Every change is a ledger row written in the same transaction as the balance
 update (and, by the caller, as the state change that causes it). Functions take
 a sync `Connection` already inside a transaction; the caller commits.
 
-Invariant: accounts.balance == SUM(ledger_entries.amount) for every account.
+Invariants: accounts.balance == SUM(ledger_entries.amount), and accounts.held ==
+SUM(llm_holds.amount), for every account.
+
+Lock order, on PostgreSQL: whatever changes an account's hold rows locks the
+account row first (its UPDATE, or `_lock_account`), a transaction touching several
+accounts takes them in ascending id order, and a renewal (which touches only hold
+rows) locks them in that order too. So holds, settlements, renewals and sweeps
+can run at once in any number of processes without deadlocking.
 """
 
 from __future__ import annotations
 
 import functools
 
-from sqlalchemy import Connection, Table, bindparam, func, insert, literal, select, update
+from datetime import datetime
+from typing import Iterable
+
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.models import Account, LedgerEntry, Timestamp, utcnow
+from app.models import Account, LedgerEntry, LLMHold, Money, Timestamp, utcnow
 
 TOPUP, CHARGE, REFUND, USAGE = "topup", "charge", "refund", "usage"
 
@@ -106,34 +116,121 @@ def refund(conn: Connection, account_id: int, amount: int, *, reference: str, no
     return True
 
 
-def hold(conn: Connection, account_id: int, amount: int) -> bool:
-    """Reserve `amount` of the free balance for a request in flight; False if it can't be covered.
+def hold(conn: Connection, account_id: int, amount: int, *, owner: str, expires_at: datetime) -> bool:
+    """Reserve `amount` of the free balance for `owner`'s requests in flight; False if it can't be covered.
 
-    A hold is not spent money and makes no ledger row; `settle` releases it.
+    A hold is not spent money and makes no ledger row. It is added to `owner`'s hold
+    row for the account, whose lease runs to `expires_at` (for the whole row);
+    `settle` releases it, and the sweep does if the lease runs out.
     """
-    result = conn.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.balance - Account.held >= amount)
-        .values(held=Account.held + amount)
-    )
-    return result.rowcount == 1
+    reserve = (update(Account)
+               .where(Account.id == account_id, Account.balance - Account.held >= amount)
+               .values(held=Account.held + amount))
+    if conn.dialect.name == "postgresql":
+        # One statement (a data-modifying CTE): a top-up costs no more round trips than before leases.
+        reserved = reserve.returning(Account.id).cte("reserved")
+        stmt = postgresql.insert(LLMHold).from_select(
+            ["owner", "account_id", "amount", "expires_at", "created_at"],
+            select(literal(owner), reserved.c.id, literal(amount, Money), literal(expires_at, Timestamp),
+                   literal(utcnow(), Timestamp)))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["owner", "account_id"],
+            set_={"amount": LLMHold.amount + stmt.excluded.amount, "expires_at": stmt.excluded.expires_at})
+        return conn.execute(stmt.returning(LLMHold.account_id).add_cte(reserved)).first() is not None
+    if conn.execute(reserve).rowcount != 1:
+        return False
+    stmt = sqlite.insert(LLMHold).values(owner=owner, account_id=account_id, amount=amount,
+                                         expires_at=expires_at, created_at=utcnow())
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["owner", "account_id"],
+        set_={"amount": LLMHold.amount + stmt.excluded.amount, "expires_at": stmt.excluded.expires_at}))
+    return True
 
 
-def settle(conn: Connection, account_id: int, held: int, cost: int, *, reference: str, note: str = "") -> int:
-    """Release a hold of `held` and charge the metered `cost` (a USAGE row); returns what was charged.
+def settle(conn: Connection, account_id: int, held: int, cost: int, *, owner: str, reference: str,
+           note: str = "") -> int:
+    """Release a hold of `held` taken by `owner` and charge the metered `cost` (a USAGE row); returns what was charged.
 
-    The charge never takes the balance below zero: a cost beyond what the
-    account has is cut to what it has (the hold bounds it in practice).
+    Only what `owner`'s hold row still has is released: if its lease ran out and the
+    sweep gave it back, there is nothing left to release. The charge never takes the
+    balance below zero: a cost beyond what the account has is cut to what it has (the
+    hold bounds it in practice).
     """
-    conn.execute(update(Account).where(Account.id == account_id).values(held=Account.held - held))
-    if cost <= 0:
+    available = _lock_account(conn, account_id)
+    if held > 0:
+        row = (LLMHold.owner == owner) & (LLMHold.account_id == account_id)
+        left = conn.execute(select(LLMHold.amount).where(row)).scalar()
+        released = min(held, left or 0)
+        if released:
+            # The row stays, at zero if need be: its owner renews it while the pool lives,
+            # and a missing row then means the lease was lost. Unrenewed, the sweep removes it.
+            conn.execute(update(LLMHold).where(row).values(amount=LLMHold.amount - released))
+            conn.execute(update(Account).where(Account.id == account_id).values(held=Account.held - released))
+    if cost <= 0 or available is None:
         return 0
-    available = conn.execute(select(Account.balance).where(Account.id == account_id)).scalar_one()
     cost = max(0, min(cost, available))
     if cost and _insert_once(conn, account_id=account_id, kind=USAGE, amount=-cost, reference=reference, note=note):
         conn.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance - cost))
         return cost
     return 0
+
+
+def renew_holds(conn: Connection, owner: str, account_ids: Iterable[int], expires_at: datetime) -> set[int]:
+    """Extend the lease of `owner`'s hold rows for `account_ids` to `expires_at`; returns the accounts renewed.
+
+    An account missing from the result had its row released by the sweep: the lease was lost.
+    """
+    account_ids = sorted(set(account_ids))
+    if not account_ids:
+        return set()
+    rows = select(LLMHold.account_id).where(LLMHold.owner == owner, LLMHold.account_id.in_(account_ids))
+    if conn.dialect.name == "postgresql":
+        # Lock the rows in account order, as a recorder's batch does, before updating them.
+        rows = rows.order_by(LLMHold.account_id).with_for_update(key_share=True)
+    result = conn.execute(update(LLMHold)
+                          .where(LLMHold.owner == owner, LLMHold.account_id.in_(rows))
+                          .values(expires_at=expires_at)
+                          .returning(LLMHold.account_id))
+    return set(result.scalars())
+
+
+def release_expired_holds(conn: Connection, *, now: datetime | None = None, limit: int = 500) -> int:
+    """Give back hold rows whose lease ran out before `now` (their process died), for up to
+    `limit` accounts; returns how many rows were released.
+
+    Safe to run in several places at once and while their owners renew: each row is
+    deleted under its account's lock by a conditional DELETE that re-checks the lease,
+    so it is released once, and never after a renewal that got there first.
+    """
+    now = now or utcnow()
+    expired = LLMHold.expires_at < now
+    account_ids = conn.execute(select(LLMHold.account_id).where(expired).distinct()
+                               .order_by(LLMHold.account_id).limit(limit)).scalars().all()
+    return sum(_release_rows(conn, account_id, expired) for account_id in account_ids)
+
+
+def release_holds(conn: Connection, owners: Iterable[str]) -> int:
+    """Give back all hold rows of `owners` (a process stopping); returns how many rows were released."""
+    owners = list(owners)
+    mine = LLMHold.owner.in_(owners)
+    account_ids = conn.execute(select(LLMHold.account_id).where(mine).distinct()
+                               .order_by(LLMHold.account_id)).scalars().all()
+    return sum(_release_rows(conn, account_id, mine) for account_id in account_ids)
+
+
+def _release_rows(conn: Connection, account_id: int, condition) -> int:
+    _lock_account(conn, account_id)
+    amounts = conn.execute(delete(LLMHold).where(LLMHold.account_id == account_id, condition)
+                           .returning(LLMHold.amount)).scalars().all()
+    if sum(amounts):
+        conn.execute(update(Account).where(Account.id == account_id).values(held=Account.held - sum(amounts)))
+    return len(amounts)
+
+
+def _lock_account(conn: Connection, account_id: int) -> int | None:
+    """Lock the account's row as an UPDATE would (first, in the lock order above); returns its balance."""
+    return conn.execute(select(Account.balance).where(Account.id == account_id)
+                        .with_for_update(key_share=True)).scalar()
 
 
 def balance(conn: Connection, account_id: int) -> int:

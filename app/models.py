@@ -212,3 +212,22 @@ class UsageRecord(Base):
     ttfb_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     client_disconnected: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class LLMHold(Base):
+    """Balance one web process holds for an account's LLM calls in flight, under a lease.
+
+    `accounts.held` is always the sum of these rows' amounts (app.ledger changes both in
+    one transaction). The process renews `expires_at` while it runs; a row left to expire
+    belonged to a process that died, and the periodic sweep gives its amount back.
+    """
+
+    __tablename__ = "llm_holds"
+    __table_args__ = (Index("ix_llm_holds_expires_at", "expires_at"),)
+
+    # The holding process: host, pid and a random part, new at each start (and after a lost lease).
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    amount: Mapped[int] = mapped_column(Money, default=0)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

@@ -1,16 +1,19 @@
 """The ledger: the only code that moves money; balance always equals the sum of the ledger."""
 
+import uuid
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import select
 
 from app import accounts, ledger, money
-from app.models import LedgerEntry
+from app.models import LedgerEntry, utcnow
 
 
 @pytest.fixture
 def funded(engine):
     with engine.begin() as conn:
-        return accounts.create(conn, f"ledger-{id(conn)}@example.com", money.from_usd("1"))
+        return accounts.create(conn, f"ledger-{uuid.uuid4().hex}@example.com", money.from_usd("1"))
 
 
 def test_charge_refuses_to_overdraw_and_writes_nothing(engine, funded):
@@ -33,10 +36,11 @@ def test_refund_happens_at_most_once_per_reference(engine, funded):
 
 def test_hold_reserves_and_settle_charges_never_below_zero(engine, funded):
     one = money.from_usd("1")
+    lease = {"owner": "test-process", "expires_at": utcnow() + timedelta(seconds=60)}
     with engine.begin() as conn:
-        assert ledger.hold(conn, funded, one - 10)
-        assert not ledger.hold(conn, funded, 11)  # only 10 units are free
-        charged = ledger.settle(conn, funded, one - 10, one * 2, reference="req_1")
+        assert ledger.hold(conn, funded, one - 10, **lease)
+        assert not ledger.hold(conn, funded, 11, **lease)  # only 10 units are free
+        charged = ledger.settle(conn, funded, one - 10, one * 2, owner="test-process", reference="req_1")
         assert charged == one and ledger.balance(conn, funded) == 0 == ledger.ledger_sum(conn, funded)
 
 

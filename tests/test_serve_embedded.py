@@ -72,3 +72,31 @@ def test_quick_start_serves_and_completes_a_task_with_no_other_service(served):
     assert httpx.get(api + "/v1/balance", headers=headers).json()["balance"] == "9.99900"
     health = httpx.get(base + "/healthz").json()
     assert health == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def _readme_block(language: str, after: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start:text.index("```", start)]
+
+
+def test_the_readme_curl_and_python_examples_work_verbatim(served, tmp_path):
+    base, log_path = served
+    key = re.search(r"llm_[A-Za-z0-9_-]{32,}", log_path.read_text()).group(0)
+    env = {**os.environ, "KEY": key}
+    # Only the address differs from the README: this server listens on a free port.
+    shell = _readme_block("sh", "### Submit and poll with curl").replace("http://127.0.0.1:8000", base)
+    shell = shell.replace("export KEY=llm_...", "true")
+    out = subprocess.run(["bash", "-e", "-c", shell], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"status":"pending"' in out.stdout.replace(" ", "")
+    assert '"status":"completed"' in out.stdout.replace(" ", "")
+    assert '"balance":"9.99900"' in out.stdout.replace(" ", "")
+
+    python = _readme_block("python", "### Python\n").replace("http://127.0.0.1:8000", base)
+    out = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Task submitted: media_" in out.stdout and "charge: $0.00100" in out.stdout
+    assert "Image URLs: ['" + base + "/files/media_" in out.stdout

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from app import dispatch
+from app import dispatch, ledger
 from app.images import lifecycle
 from app.webhooks import service as webhook_service
-from workers import generation, webhooks
+from workers import events, generation, webhooks
 from workers.celery_app import DELIVER, DISPATCH, GENERATE, SWEEP, celery, publisher
 from workers.context import get_context
 
@@ -42,20 +42,48 @@ def deliver_webhook(delivery_id: str) -> str:
 
 @celery.task(name=SWEEP, ignore_result=True)
 def sweep() -> dict:
-    """Periodic repair: tasks whose worker died, pending tasks whose wake-up was lost, and
-    webhook deliveries that are due (a retry, a lost wake-up, or a worker that died mid-attempt)."""
+    """Periodic repair: tasks whose worker died, pending tasks whose wake-up was lost,
+    webhook deliveries that are due (a retry, a lost wake-up, or a worker that died mid-attempt),
+    and LLM holds of web processes that died (their leases ran out).
+
+    Each step stands alone: one that fails (logged) does not keep the others from running."""
     ctx = get_context()
+    report = {}
+
+    def step(name: str, work):
+        try:
+            report[name] = work()
+        except Exception:
+            log.exception("sweep: %s failed; the next sweep tries again", name)
+            report[name] = None
+
+    step("holds", lambda: release_expired_holds(ctx.engine))
+    step("recovered", lambda: _recover_tasks(ctx))
+    step("dispatched", lambda: dispatch.dispatch(ctx.engine, publisher(celery),
+                                                 stale_after=ctx.settings.redispatch_after))
+    step("webhooks", lambda: webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
+                                                      stale_after=ctx.settings.redispatch_after))
+    if any(report.values()):
+        log.info("sweep: %s", report)
+    return report
+
+
+def _recover_tasks(ctx) -> dict:
+    """Tasks whose worker died: requeued, or (out of attempts) failed and refunded."""
     with ctx.engine.begin() as conn:
         requeued, failed = lifecycle.recover_expired(conn, ctx.settings.task_max_attempts)
     for task_id in failed:
-        from workers import events
-
         events.task_ended(ctx, task_id)
-    dispatched = dispatch.dispatch(ctx.engine, publisher(celery), stale_after=ctx.settings.redispatch_after)
-    webhooks_due = webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
-                                            stale_after=ctx.settings.redispatch_after)
-    if requeued or failed or dispatched or webhooks_due:
-        log.info("sweep: requeued %d, failed %d, dispatched %d, webhooks %d",
-                 len(requeued), len(failed), dispatched, webhooks_due)
-    return {"requeued": len(requeued), "failed": len(failed), "dispatched": dispatched,
-            "webhooks": webhooks_due}
+    return {"requeued": len(requeued), "failed": len(failed)} if requeued or failed else {}
+
+
+def release_expired_holds(engine, batches: int = 100) -> int:
+    """Release expired LLM holds, a batch of accounts per transaction (locks held briefly)."""
+    total = 0
+    for _ in range(batches):
+        with engine.begin() as conn:
+            released = ledger.release_expired_holds(conn)
+        total += released
+        if not released:
+            break
+    return total

@@ -144,8 +144,8 @@ class ProxyResponse:
         raw = self.raw_usage
         usage = normalize(call.api, raw) if raw is not None else None
         ended = time.perf_counter()
-        if call.held:
-            self.gateway.holds.finish(call.principal.account_id, call.held)
+        # What to release in the database: the call's hold, unless it went with a lost lease.
+        held = self.gateway.holds.finish(call.principal.account_id, call.held) if call.held else 0
         self.gateway.recorder.record(Entry(
             id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
             model=call.model.name, api_format=call.api, stream=call.stream,
@@ -155,5 +155,5 @@ class ProxyResponse:
             usage_reported=usage is not None, cost=cost(call.model, usage) if usage else 0,
             upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
             ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
-            client_disconnected=self.disconnected, created_at=call.created_at, held=call.held,
+            client_disconnected=self.disconnected, created_at=call.created_at, held=held,
         ))

@@ -12,23 +12,53 @@ first, so concurrent calls can never together promise more than the balance.
 
 When a call ends, its hold leaves the pool and the usage recorder releases it
 in the database as it settles the call. A pool left idle is handed back.
+
+Crash safety: what a process holds is a row per account in `llm_holds`, owned
+by the process (a fresh owner id each start) under a lease. The sweeper task
+renews the leases of its pools every RENEW_SECONDS, off the hot path; a process
+killed outright stops renewing, and the periodic Celery sweep hands its rows
+back once they expire (`ledger.release_expired_holds`). A pool only trusts its
+lease until LEASE_MARGIN before it runs out: past that it renews it before
+serving another call, so a live process never carves calls out of a hold the
+sweep may already have given back. Should that happen anyway (the process
+stalled for a whole lease, or clocks disagree by more than the margin), the
+process treats itself as restarted: it takes a new owner id, counts what its
+calls in flight held as released, and its old rows expire like a dead process's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
 from app import ledger
+from app.models import utcnow
 from app.proxy.recorder import Release, UsageRecorder
+
+log = logging.getLogger(__name__)
 
 # A top-up holds room for this many calls like the one asking; a busy pool's
 # blocks double up to the maximum, so a steady stream of calls rarely waits on the database.
 BLOCK_CALLS, MAX_BLOCK_CALLS = 16, 64
 IDLE_SECONDS = 2.0  # an unused pool goes back to the balance after this long
+# A process's hold rows live this long unless renewed, which it does every RENEW_SECONDS; a
+# killed process's holds come back within LEASE_SECONDS plus one Celery sweep interval.
+LEASE_SECONDS, RENEW_SECONDS = 60.0, 15.0
+# A pool stops trusting its lease this long before it runs out (renewals missed, clock skew).
+LEASE_MARGIN = 15.0
+
+
+def new_owner() -> str:
+    """An id for this process's hold rows: where it runs, for operators, and unique."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 @dataclass
@@ -38,6 +68,9 @@ class _Pool:
     used_at: float = 0.0
     block_calls: int = BLOCK_CALLS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    has_row: bool = False  # this owner has a hold row for the account, renewed while the pool lives
+    trusted_until: float = 0.0  # monotonic time until which the row's lease surely holds
+    lost: int = 0  # the part of in_flight held under a lease that was lost: nothing to release for it
 
     @property
     def free(self) -> int:
@@ -45,11 +78,18 @@ class _Pool:
 
 
 class HoldPool:
-    def __init__(self, engine: Engine, recorder: UsageRecorder):
+    def __init__(self, engine: Engine, recorder: UsageRecorder, *, lease_seconds: float | None = None,
+                 renew_seconds: float | None = None, lease_margin: float | None = None):
         self._engine = engine
         self._recorder = recorder
         self._pools: dict[int, _Pool] = {}
         self._sweeper: asyncio.Task | None = None
+        self._lease = LEASE_SECONDS if lease_seconds is None else lease_seconds
+        self._renew_every = RENEW_SECONDS if renew_seconds is None else renew_seconds
+        self._margin = LEASE_MARGIN if lease_margin is None else lease_margin
+        self.owner = recorder.owner = new_owner()
+        self._owners = [self.owner]  # every owner id this process has held under
+        self._renewed_at = time.monotonic()
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="hold-pool-sweeper")
@@ -59,36 +99,59 @@ class HoldPool:
         pool = self._pools.get(account_id)
         if pool is None:
             pool = self._pools[account_id] = _Pool()
-        pool.used_at = time.monotonic()
-        if pool.free >= amount:
+        pool.used_at = now = time.monotonic()
+        if pool.free >= amount and now < pool.trusted_until:
             pool.in_flight += amount
             return True
         async with pool.lock:  # one top-up at a time; the others wait and look again
-            if pool.free < amount:
+            if pool.has_row and time.monotonic() >= pool.trusted_until:
+                await self._renew({account_id: pool})
+            while pool.free < amount:
                 need = amount - pool.free
                 block = max(need, amount * pool.block_calls - pool.free)
-                if await asyncio.to_thread(self._hold, account_id, block):
-                    pool.total += block
+                got = await self._top_up(pool, account_id, block)
+                if got:
                     pool.block_calls = min(pool.block_calls * 2, MAX_BLOCK_CALLS)
-                elif block > need and await asyncio.to_thread(self._hold, account_id, need):
-                    pool.total += need
-                else:
+                elif got is False and (block == need or await self._top_up(pool, account_id, need) is False):
                     return False
+                # None: the lease was lost meanwhile and the pool starts over; look again.
             pool.in_flight += amount
             return True
 
-    def _hold(self, account_id: int, amount: int) -> bool:
-        with self._engine.begin() as conn:
-            return ledger.hold(conn, account_id, amount)
+    async def _top_up(self, pool: _Pool, account_id: int, amount: int) -> bool | None:
+        """Hold `amount` more in the database for the pool: True, False if the balance
+        can't cover it, None if the process's lease was lost meanwhile (nothing added)."""
+        owner, started = self.owner, time.monotonic()
+        if not await asyncio.to_thread(self._hold, account_id, amount, owner):
+            return False
+        if owner != self.owner:
+            return None  # held under the lost owner: its row expires and the sweep gives it back
+        pool.total += amount
+        pool.has_row = True
+        pool.trusted_until = started + self._lease - self._margin
+        return True
 
-    def finish(self, account_id: int, amount: int) -> None:
-        """The call holding `amount` ended; the recorder releases it in the database when it settles."""
+    def _expiry(self):
+        return utcnow() + timedelta(seconds=self._lease)
+
+    def _hold(self, account_id: int, amount: int, owner: str) -> bool:
+        with self._engine.begin() as conn:
+            return ledger.hold(conn, account_id, amount, owner=owner, expires_at=self._expiry())
+
+    def finish(self, account_id: int, amount: int) -> int:
+        """The call holding `amount` ended; returns the part the recorder must release in the
+        database as it settles the call (all of it, unless it was held under a lost lease)."""
         pool = self._pools[account_id]
         pool.in_flight -= amount
         pool.total -= amount
+        lost = min(amount, pool.lost)
+        pool.lost -= lost
+        return amount - lost
 
     def give_back(self, *, idle_for: float | None = None) -> None:
-        """Hand back pools unused for `idle_for` seconds (default IDLE_SECONDS; 0: all idle ones)."""
+        """Hand back pools unused for `idle_for` seconds (default IDLE_SECONDS; 0: all idle ones).
+
+        The hold row stays, at zero; no longer renewed, the sweep removes it."""
         idle_for = IDLE_SECONDS if idle_for is None else idle_for
         now = time.monotonic()
         for account_id, pool in list(self._pools.items()):
@@ -97,13 +160,73 @@ class HoldPool:
                     self._recorder.record(Release(account_id, pool.total))
                 del self._pools[account_id]
 
+    async def renew(self) -> None:
+        """Extend the leases of all pools' hold rows."""
+        started = time.monotonic()
+        await self._renew({account_id: pool for account_id, pool in self._pools.items() if pool.has_row})
+        self._renewed_at = started
+
+    async def _renew(self, pools: dict[int, _Pool]) -> None:
+        if not pools:
+            return
+        owner, started = self.owner, time.monotonic()
+        renewed = await asyncio.to_thread(self._renew_sync, owner, list(pools))
+        if owner != self.owner:
+            return  # the lease was lost meanwhile, and the pools reset
+        trusted_until = started + self._lease - self._margin
+        lost = False
+        for account_id, pool in pools.items():
+            if self._pools.get(account_id) is not pool or not pool.has_row:
+                continue  # given back meanwhile
+            if account_id in renewed:
+                pool.trusted_until = max(pool.trusted_until, trusted_until)
+            else:
+                lost = True
+        if lost:
+            self._lose_lease()
+
+    def _renew_sync(self, owner: str, account_ids: list[int]) -> set[int]:
+        with self._engine.begin() as conn:
+            return ledger.renew_holds(conn, owner, account_ids, self._expiry())
+
+    def _lose_lease(self) -> None:
+        """The sweep gave back a hold of this live process: start over as a new owner.
+
+        Calls in flight keep going; what they held is counted as released already. The old
+        owner's other rows are no longer renewed and expire, as a dead process's would."""
+        old, self.owner = self.owner, new_owner()
+        self._recorder.owner = self.owner
+        self._owners.append(self.owner)
+        log.warning("hold lease of %s was lost (not renewed in time); holding as %s from now on", old, self.owner)
+        for pool in self._pools.values():
+            pool.lost = pool.in_flight
+            pool.total = pool.in_flight
+            pool.has_row = False
+            pool.trusted_until = 0.0
+
     async def stop(self) -> None:
+        """Hand back every pool, and once the recorder has settled what it was given, every
+        hold row of this process (what is left in them: calls still in flight, lost writes)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         self.give_back(idle_for=0)
+        await self._recorder.flush()
+        try:
+            await asyncio.to_thread(self._release_all)
+        except Exception:
+            log.warning("could not release the hold rows of %s; they expire", self._owners, exc_info=True)
+
+    def _release_all(self) -> None:
+        with self._engine.begin() as conn:
+            ledger.release_holds(conn, self._owners)
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(IDLE_SECONDS / 2)
+            await asyncio.sleep(min(IDLE_SECONDS / 2, self._renew_every))
             self.give_back()
+            if time.monotonic() - self._renewed_at >= self._renew_every:
+                try:
+                    await self.renew()
+                except Exception:  # the database is away: try again at the next turn
+                    log.warning("renewing hold leases failed", exc_info=True)

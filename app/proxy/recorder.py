@@ -2,7 +2,7 @@
 
 The proxy hands each finished call to `UsageRecorder.record` (no await, no
 database). One background task writes what has queued up, at most every
-`interval` seconds, in one transaction: per account, one `ledger.settle` that
+`interval` seconds, in one transaction: per account (and hold owner), one `ledger.settle` that
 releases the holds of the batch's calls and charges their metered costs as
 one `usage` ledger row (its reference the first call's id), and a usage row
 per call carrying that call's share of the charge. At low traffic a batch is
@@ -49,7 +49,8 @@ class Entry:
     ttfb_ms: int | None
     client_disconnected: bool
     created_at: datetime
-    held: int
+    held: int  # of this process's hold row: what to release there (0 if its lease was lost)
+    owner: str = ""  # the hold row's owner; `UsageRecorder.record` fills it in
 
 
 @dataclass
@@ -58,27 +59,29 @@ class Release:
 
     account_id: int
     held: int
+    owner: str = ""
 
 
 def write(conn: Connection, items: list) -> None:
     """Settle and record `items` (Entry and Release) in the caller's transaction."""
-    by_account: dict[int, list] = {}
+    by_account: dict[tuple[int, str], list] = {}
     for item in items:
-        by_account.setdefault(item.account_id, []).append(item)
+        by_account.setdefault((item.account_id, item.owner), []).append(item)
     rows = []
-    for account_id, batch in by_account.items():
+    # In account order: concurrent batches (other processes, lease renewals) lock rows in the same order.
+    for (account_id, owner), batch in sorted(by_account.items()):
         entries = [item for item in batch if isinstance(item, Entry)]
         held = sum(item.held for item in batch)
         cost = sum(entry.cost for entry in entries)
         note = (f"{entries[0].model} ({entries[0].api_format})" if len(entries) == 1
                 else f"LLM usage: {len(entries)} requests")
-        charged = ledger.settle(conn, account_id, held, cost, reference=entries[0].id if entries else "",
-                                note=note)
+        charged = ledger.settle(conn, account_id, held, cost, owner=owner,
+                                reference=entries[0].id if entries else "", note=note)
         # Each call's record carries its share of what was charged: all of its cost,
         # unless the balance ran out, and then the calls first in the batch come first.
         for entry in entries:
             row = dict(entry.__dict__)  # not asdict(): it deep-copies every field
-            del row["held"]
+            del row["held"], row["owner"]
             row["cost"] = min(entry.cost, charged)
             charged -= row["cost"]
             rows.append(row)
@@ -87,8 +90,10 @@ def write(conn: Connection, items: list) -> None:
 
 
 class UsageRecorder:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, owner: str = ""):
         self._engine = engine
+        # Whose hold rows the items recorded from now on release (set by the hold pool).
+        self.owner = owner
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
@@ -96,11 +101,13 @@ class UsageRecorder:
         self._task = asyncio.create_task(self._run(), name="usage-recorder")
 
     def record(self, item: Entry | Release) -> None:
+        item.owner = self.owner
         self._queue.put_nowait(item)
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written."""
-        await self._queue.join()
+        if self._task is not None:
+            await self._queue.join()
 
     async def stop(self) -> None:
         if self._task is None:

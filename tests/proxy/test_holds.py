@@ -1,21 +1,28 @@
-"""Hold pools share a balance out exactly, and a stopping gateway writes what it owes."""
+"""Hold pools share a balance out exactly, a stopping gateway writes what it owes, and a
+process that dies leaves nothing held for good: its leases run out and the sweep gives them back."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from datetime import timedelta
 
 import httpx
+from sqlalchemy import select
 
+from app import ledger
+from app.models import LedgerEntry, LLMHold, utcnow
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import Release, UsageRecorder
 from tests.proxy.conftest import money_state, usage_rows
 from tests.servers import ThreadedServer
+from workers.tasks import release_expired_holds, sweep
 
 
 def end_call(pool: HoldPool, recorder: UsageRecorder, account_id: int, amount: int) -> None:
     """What the proxy does when a call ends: the pool lets go, the recorder releases it (with no cost here)."""
-    pool.finish(account_id, amount)
-    recorder.record(Release(account_id, amount))
+    recorder.record(Release(account_id, pool.finish(account_id, amount)))
 
 
 def test_a_small_balance_is_shared_out_exactly(make_account, engine):
@@ -77,3 +84,142 @@ def test_stopping_the_gateway_writes_queued_usage_and_returns_holds(database, ll
     record = usage_rows(engine, account.id, timeout=0)[0]
     assert record.cost == 30_000  # 4 x $2.50 + 2 x $10 per 1M tokens
     assert money_state(engine, account.id) == (10**10 - 30_000, 0, 10**10 - 30_000)
+
+
+# Leases: a process that dies keeps nothing held for good.
+
+def hold_rows(engine, account_id: int) -> list:
+    with engine.connect() as conn:
+        return conn.execute(select(LLMHold).where(LLMHold.account_id == account_id)).all()
+
+
+def ledger_rows(engine, account_id: int) -> int:
+    with engine.connect() as conn:
+        return len(conn.execute(select(LedgerEntry.id).where(LedgerEntry.account_id == account_id)).all())
+
+
+def test_a_killed_process_s_holds_expire_and_the_sweep_gives_them_back_once(make_account, engine):
+    account = make_account(balance="0.000010")  # 10,000 nano-dollars
+
+    async def killed_process():
+        # Holds taken, then nothing more: no renewal, no settlement, no shutdown (SIGKILL).
+        pool = HoldPool(engine, UsageRecorder(engine), lease_seconds=1.0)
+        assert [await pool.take(account.id, 3_000) for _ in range(3)] == [True] * 3
+        return pool.owner
+
+    owner = asyncio.run(killed_process())
+    [row] = hold_rows(engine, account.id)
+    assert (row.owner, row.amount) == (owner, 9_000)
+    assert money_state(engine, account.id) == (10_000, 9_000, 10_000)
+    release_expired_holds(engine)  # the lease still runs: nothing is released
+    assert money_state(engine, account.id)[1] == 9_000
+
+    time.sleep(1.1)
+    assert sweep()["holds"] >= 1  # the periodic Celery sweep, run here
+    assert money_state(engine, account.id) == (10_000, 0, 10_000)
+    assert hold_rows(engine, account.id) == [] and ledger_rows(engine, account.id) == 1  # the top-up only
+    release_expired_holds(engine)  # again: there is nothing left to give back
+    assert money_state(engine, account.id) == (10_000, 0, 10_000)
+
+    async def next_process():  # the whole balance can be held again
+        recorder = UsageRecorder(engine)
+        recorder.start()
+        pool = HoldPool(engine, recorder)
+        assert await pool.take(account.id, 10_000)
+        end_call(pool, recorder, account.id, 10_000)
+        await pool.stop()
+        await recorder.stop()
+
+    asyncio.run(next_process())
+    assert money_state(engine, account.id) == (10_000, 0, 10_000) and hold_rows(engine, account.id) == []
+
+
+def test_a_live_process_renews_its_leases(make_account, engine):
+    account = make_account(balance="1")
+
+    async def scenario():
+        recorder = UsageRecorder(engine)
+        recorder.start()
+        pool = HoldPool(engine, recorder, lease_seconds=1.0, renew_seconds=0.1, lease_margin=0.5)
+        pool.start()
+        assert await pool.take(account.id, 1_000)  # a long call: its pool stays
+        held = money_state(engine, account.id)[1]
+        for _ in range(5):  # two leases' time, sweeping all along
+            await asyncio.sleep(0.4)
+            await asyncio.to_thread(release_expired_holds, engine)
+            assert money_state(engine, account.id)[1] == held
+        [row] = hold_rows(engine, account.id)
+        assert row.owner == pool.owner and row.expires_at > utcnow()
+        assert await pool.take(account.id, 1_000)  # still served from the pool, still under the same owner
+        assert money_state(engine, account.id)[1] == held
+        for _ in range(2):
+            end_call(pool, recorder, account.id, 1_000)
+        await pool.stop()
+        await recorder.stop()
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (10**9, 0, 10**9)
+    assert hold_rows(engine, account.id) == []  # a clean stop deletes its rows
+
+
+def test_a_stalled_process_that_lost_its_lease_releases_nothing_twice(make_account, engine):
+    account = make_account(balance="0.000010")
+
+    async def scenario():
+        recorder = UsageRecorder(engine)
+        recorder.start()
+        pool = HoldPool(engine, recorder, lease_seconds=0.5, lease_margin=0.2)  # no renewals: stalled
+        first_owner = pool.owner
+        assert await pool.take(account.id, 6_000)
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(release_expired_holds, engine)  # the sweep takes it for dead
+        assert money_state(engine, account.id)[1] == 0
+        # The next call finds the lease gone before using the pool: it starts over as a new owner
+        # and holds anew. The first call's hold was released by the sweep, so its end releases nothing.
+        assert await pool.take(account.id, 4_000)
+        assert pool.owner != first_owner
+        assert money_state(engine, account.id)[1] == 4_000
+        assert not await pool.take(account.id, 6_001)  # 10,000 - 4,000 free: the sweep's 6,000 is not promised twice
+        end_call(pool, recorder, account.id, 6_000)
+        await recorder.flush()
+        assert money_state(engine, account.id)[1] == 4_000
+        end_call(pool, recorder, account.id, 4_000)
+        await pool.stop()
+        await recorder.stop()
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (10_000, 0, 10_000) and hold_rows(engine, account.id) == []
+
+
+def test_concurrent_sweeps_and_a_renewal_release_each_hold_once(make_account, engine):
+    accounts = [make_account(balance="1").id for _ in range(40)]
+    past = utcnow() - timedelta(seconds=1)
+    with engine.begin() as conn:
+        for account_id in accounts:  # every account: a dead process's hold and a late live one's, both expired
+            assert ledger.hold(conn, account_id, 700, owner="dead-process", expires_at=past)
+            assert ledger.hold(conn, account_id, 300, owner="late-process", expires_at=past)
+    start = threading.Barrier(3)
+    renewed: set[int] = set()
+
+    def sweeper():
+        start.wait()
+        release_expired_holds(engine)
+
+    def renewer():
+        start.wait()
+        with engine.begin() as conn:
+            renewed.update(ledger.renew_holds(conn, "late-process", accounts, utcnow() + timedelta(seconds=60)))
+
+    threads = [threading.Thread(target=sweeper), threading.Thread(target=sweeper), threading.Thread(target=renewer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for account_id in accounts:
+        rows = {row.owner: row.amount for row in hold_rows(engine, account_id)}
+        # Released once (held would go below its rows otherwise); renewed rows were not released.
+        assert rows == ({"late-process": 300} if account_id in renewed else {})
+        assert money_state(engine, account_id) == (10**9, sum(rows.values()), 10**9)
+    with engine.begin() as conn:
+        ledger.release_holds(conn, ["late-process"])
+    assert all(money_state(engine, account_id)[1] == 0 for account_id in accounts)
