@@ -48,6 +48,16 @@ def _worker_argv(extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO", *extra]
 
 
+def _die_with_parent() -> None:
+    """In the embedded worker, before exec: ask Linux to SIGTERM it when `serve` exits, however
+    `serve` ends (uvicorn re-raises SIGTERM after its shutdown, past our `finally`)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -60,7 +70,7 @@ def cmd_serve(args) -> None:
         # The embedded broker and worker: the same Celery task code, in a child process, with the
         # periodic sweep (-B) beside it. Stops with this command.
         worker = subprocess.Popen(_worker_argv(["-B", "--without-gossip", "--without-mingle",
-                                                "--without-heartbeat"]))
+                                                "--without-heartbeat"]), preexec_fn=_die_with_parent)
     try:
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                     log_level="info", access_log=args.access_log, proxy_headers=True)

@@ -71,3 +71,21 @@ async def run_single(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kw
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         return await conn.run_sync(fn, *args, **kwargs)
+
+
+async def open_psycopg_pool(url: str, size: int):
+    """A psycopg async pool (autocommit) for the PostgreSQL hot paths, or None on other databases.
+
+    The submit is one statement; run through SQLAlchemy it spent more CPU in the
+    execution machinery (connection facade, greenlet, execution context) than in
+    psycopg itself.
+    """
+    if not url.startswith("postgresql"):
+        return None
+    from psycopg_pool import AsyncConnectionPool
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    pool = AsyncConnectionPool(conninfo, min_size=1, max_size=size, kwargs={"autocommit": True}, open=False)
+    await pool.open()
+    return pool

@@ -21,8 +21,10 @@ import functools
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, insert, literal, select, update
+from psycopg.types.json import Json
+from sqlalchemy import JSON, Connection, Table, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
 from app.models import Account, LedgerEntry, LLMHold, Money, Timestamp, utcnow
 
@@ -83,11 +85,36 @@ def charge_with_row(conn: Connection, account_id: int, amount: int, *, reference
         conn.execute(insert(table).values(**values))
         charge(conn, account_id, amount, reference=reference, note=note)
         return
-    # Parameter names must not match column names: SQLAlchemy would add those to the UPDATE's SET.
-    params = {"account_id_": account_id, "amount_": amount, "debit_": -amount, "reference_": reference,
-              "note_": note, "now_": utcnow(), **{f"row_{k}": v for k, v in values.items()}}
+    params = _charge_with_row_params(account_id, amount, reference, note, values)
     if conn.execute(_charge_with_row_statement(table, tuple(values)), params).first() is None:
         raise InsufficientBalance()
+
+
+async def charge_with_row_psycopg(connection, account_id: int, amount: int, *, reference: str, note: str,
+                                  table: Table, values: dict) -> None:
+    """`charge_with_row` on PostgreSQL through a psycopg AsyncConnection in autocommit mode:
+    the same compiled statement, without SQLAlchemy's per-execution work (the submit hot path)."""
+    sql, defaults, json_columns = _charge_with_row_sql(table, tuple(values))
+    params = {**defaults, **_charge_with_row_params(account_id, amount, reference, note, values)}
+    for name in json_columns:
+        params[name] = Json(params[name])
+    cursor = await connection.execute(sql, params)
+    if await cursor.fetchone() is None:
+        raise InsufficientBalance()
+
+
+def _charge_with_row_params(account_id: int, amount: int, reference: str, note: str, values: dict) -> dict:
+    # Parameter names must not match column names: SQLAlchemy would add those to the UPDATE's SET.
+    return {"account_id_": account_id, "amount_": amount, "debit_": -amount, "reference_": reference,
+            "note_": note, "now_": utcnow(), **{f"row_{k}": v for k, v in values.items()}}
+
+
+@functools.lru_cache(maxsize=8)
+def _charge_with_row_sql(table: Table, columns: tuple[str, ...]) -> tuple[str, dict, tuple[str, ...]]:
+    """The statement compiled once for psycopg: (SQL, default parameters, JSON parameters)."""
+    compiled = _charge_with_row_statement(table, columns).compile(dialect=psycopg_dialect())
+    json_columns = tuple(f"row_{c}" for c in columns if isinstance(table.c[c].type, JSON))
+    return str(compiled), dict(compiled.params), json_columns
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,7 +15,7 @@ from starlette.staticfiles import StaticFiles
 
 from app import account_routes, auth, catalog, health, storage
 from app.dashboard import routes as dashboard_routes
-from app.db import make_async_engine, make_engine, run
+from app.db import make_async_engine, make_engine, open_psycopg_pool, run
 from app.dispatch import Relay
 from app.errors import APIError, family_for
 from app.images import routes as image_routes
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
         state = app.state
         state.engine = make_async_engine(settings.database_url, pool_size=settings.db_pool_size)
+        state.pg_pool = await open_psycopg_pool(settings.database_url, settings.db_pool_size)
         state.sync_engine = make_engine(settings.database_url, pool_size=2)
         state.auth = auth.Authenticator(state.engine, settings.key_cache_seconds)
         state.celery = make_celery(settings)
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with contextlib.suppress(Exception):
                 await run(state.engine, auth.mark_used, state.auth.take_used())
             state.relay.stop()
+            if state.pg_pool is not None:
+                await state.pg_pool.close()
             await state.engine.dispose()
             state.sync_engine.dispose()
 

@@ -22,17 +22,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ThreadedServer, free_port
+from tests.servers import ThreadedServer, reserve
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("MEDIAGATE_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("MEDIAGATE_TEST_REDIS_URL")
 INTEGRATION = bool(PG_URL and REDIS_URL)
 RUN_DIR = Path(tempfile.mkdtemp(prefix="mediagate-test-"))
-UPSTREAM_PORT = free_port()
+# Bound now, served later: the ports are ours from the start (the catalog below names them).
+UPSTREAM_SOCKET = reserve()
+UPSTREAM_PORT = UPSTREAM_SOCKET.getsockname()[1]
 UPSTREAM = f"http://127.0.0.1:{UPSTREAM_PORT}"
 # The fake LLM upstreams (OpenAI, Anthropic, Gemini wire formats) listen here; see tests/proxy.
-LLM_PORT = free_port()
+LLM_SOCKET = reserve()
+LLM_PORT = LLM_SOCKET.getsockname()[1]
 LLM_UPSTREAM = f"http://127.0.0.1:{LLM_PORT}"
 TEST_DB_NAME = f"mediagate_test_{os.getpid()}_{secrets.token_hex(3)}"
 
@@ -240,7 +243,7 @@ def fake_images():
     from tests.fakes.images import FakeImageUpstream
 
     fake = FakeImageUpstream()
-    with ThreadedServer(fake.app, port=UPSTREAM_PORT, limit_concurrency=2000, backlog=2048):
+    with ThreadedServer(fake.app, sock=UPSTREAM_SOCKET, limit_concurrency=2000, backlog=2048):
         yield fake
 
 

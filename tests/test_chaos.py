@@ -154,6 +154,7 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
     receiver = ChaosReceiver(random.Random(SEED + 1))
 
     workers: list[Worker] = []
+    starters: list[threading.Thread] = []
 
     def start_worker(n: int) -> Worker:
         worker = Worker(data_dir / f"worker-{n}.log", env=env).start()
@@ -165,7 +166,7 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
                              "INFO", "--schedule", str(data_dir / "beat-schedule")], cwd=ROOT,
                             env={**os.environ, **env}, stdout=beat_log, stderr=subprocess.STDOUT)
     try:
-        starters = [threading.Thread(target=start_worker, args=(n,)) for n in range(3)]
+        starters.extend(threading.Thread(target=start_worker, args=(n,), daemon=True) for n in range(3))
         for t in starters:
             t.start()
         with ThreadedServer(receiver.app, limit_concurrency=1000) as hooks, \
@@ -190,13 +191,13 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
             def chaos():
                 progress[0].wait()
                 workers[0].stop(kill=True)
-                replacements = [threading.Thread(target=start_worker, args=(3,))]
+                replacements = [threading.Thread(target=start_worker, args=(3,), daemon=True)]
                 replacements[0].start()
                 progress[1].wait()
                 _broker_outage(broker, redis_db)
                 progress[2].wait()
                 workers[1].stop(kill=True)
-                replacements.append(threading.Thread(target=start_worker, args=(4,)))
+                replacements.append(threading.Thread(target=start_worker, args=(4,), daemon=True))
                 replacements[1].start()
                 progress[3].wait()
                 time.sleep(0.5)
@@ -204,7 +205,7 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
                 for t in replacements:
                     t.join()
 
-            saboteur = threading.Thread(target=chaos)
+            saboteur = threading.Thread(target=chaos, daemon=True)  # a failed run must not hang the exit
             saboteur.start()
             task_ids: dict[str, int] = {}
             counts = {"replays": 0, "cancels": 0}
@@ -313,6 +314,8 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
         assert taken_up_again > 0, "no task was in flight on a killed worker: the test proved nothing"
         assert statuses["completed"] > TASKS // 4 and statuses["failed"] > TASKS // 10
     finally:
+        for t in starters:  # a worker still starting when the test failed must be stopped too
+            t.join(timeout=60)
         for worker in workers:
             worker.stop()
         beat.terminate()

@@ -19,28 +19,46 @@ from tests.conftest import ROOT
 from tests.servers import free_port
 
 
-@pytest.fixture
-def served(tmp_path):
+def _start(tmp_path):
+    """`mediagate serve` on a free port: (process, base URL, log), or None if the port was taken
+    between choosing it and binding it (another socket can claim a free port meanwhile)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAGATE_")}
     env.update({"MEDIAGATE_DATA_DIR": str(tmp_path / "data"), "MEDIAGATE_PUBLIC_URL": f"http://127.0.0.1:{port}"})
     for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
         env.pop(name, None)
-    log = open(tmp_path / "serve.log", "w+b")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            log.close()
+            if b"address already in use" in log_path.read_bytes():
+                return None
+            raise AssertionError("serve did not start:\n" + log_path.read_text())
+        if time.monotonic() > deadline:
+            raise AssertionError("serve did not start:\n" + log_path.read_text())
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def served(tmp_path):
+    for _ in range(3):
+        started = _start(tmp_path)
+        if started:
+            break
+    else:
+        raise AssertionError("no free port could be bound in 3 tries")
+    proc, base, log = started
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("serve did not start:\n" + (tmp_path / "serve.log").read_text())
-            time.sleep(0.2)
         yield base, tmp_path / "serve.log"
     finally:
         proc.terminate()

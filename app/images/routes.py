@@ -85,6 +85,14 @@ async def wait_until_finished(engine, account_id: int, task_id: str, seconds: fl
             return task
 
 
+async def submit(state, principal, parsed) -> dict:
+    """The plain submit: on PostgreSQL one statement on the raw psycopg pool (the hot path)."""
+    if state.pg_pool is not None:
+        async with state.pg_pool.connection() as connection:
+            return await service.submit_psycopg(connection, principal, parsed)
+    return await run_single(state.engine, service.submit, principal, parsed)
+
+
 async def create_generation(request: Request) -> JSONResponse:
     principal = await require(request)
     state = request.app.state
@@ -99,7 +107,7 @@ async def create_generation(request: Request) -> JSONResponse:
     replayed = False
     try:
         if key is None:
-            task = await run_single(state.engine, service.submit, principal, parsed)
+            task = await submit(state, principal, parsed)
         else:
             task, replayed = await run(state.engine, service.submit_once, principal, parsed, key,
                                        request_hash(body))

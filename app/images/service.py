@@ -36,18 +36,39 @@ def submit(conn: Connection, principal: Principal, request: GenerationRequest, *
     with an idempotency key, a racing duplicate waits on the unique
     (account_id, idempotency_key) index, not on the balance.
     """
+    task_id, charge, values = _new_task(principal, request, idempotency_key, request_hash)
+    ledger.charge_with_row(conn, principal.account_id, charge, reference=task_id, note=_note(request),
+                           table=ImageTask.__table__, values=values)
+    return _accepted(task_id, request, charge)
+
+
+async def submit_psycopg(connection, principal: Principal, request: GenerationRequest) -> dict:
+    """`submit` on PostgreSQL through a psycopg AsyncConnection in autocommit mode: one
+    statement, one round trip, none of SQLAlchemy's per-execution work (the hot path)."""
+    task_id, charge, values = _new_task(principal, request, None, None)
+    await ledger.charge_with_row_psycopg(connection, principal.account_id, charge, reference=task_id,
+                                         note=_note(request), table=ImageTask.__table__, values=values)
+    return _accepted(task_id, request, charge)
+
+
+def _new_task(principal: Principal, request: GenerationRequest, idempotency_key: str | None,
+              request_hash: str | None) -> tuple[str, int, dict]:
     task_id = new_task_id()
     charge = request.model.prices[request.resolution]
     now = utcnow()
-    ledger.charge_with_row(
-        conn, principal.account_id, charge, reference=task_id, note=f"image {request.model.name} {request.resolution}",
-        table=ImageTask.__table__,
-        values=dict(id=task_id, account_id=principal.account_id, api_key_id=principal.key_id, model=request.model.name,
-                    prompt=request.prompt, size=request.size, resolution=request.resolution, n=request.n,
-                    image_urls=request.image_urls, webhook_url=request.webhook_url, charge=charge, status="pending",
-                    refunded=False, attempts=0, idempotency_key=idempotency_key, request_hash=request_hash,
-                    created_at=now, updated_at=now),
-    )
+    values = dict(id=task_id, account_id=principal.account_id, api_key_id=principal.key_id, model=request.model.name,
+                  prompt=request.prompt, size=request.size, resolution=request.resolution, n=request.n,
+                  image_urls=request.image_urls, webhook_url=request.webhook_url, charge=charge, status="pending",
+                  refunded=False, attempts=0, idempotency_key=idempotency_key, request_hash=request_hash,
+                  created_at=now, updated_at=now)
+    return task_id, charge, values
+
+
+def _note(request: GenerationRequest) -> str:
+    return f"image {request.model.name} {request.resolution}"
+
+
+def _accepted(task_id: str, request: GenerationRequest, charge: int) -> dict:
     return {"task_id": task_id, "status": "pending", "model": request.model.name, "charge": money.render(charge)}
 
 

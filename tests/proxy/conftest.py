@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from app.models import Account, LedgerEntry, UsageRecord
-from tests.conftest import LLM_PORT
+from tests.conftest import LLM_SOCKET
 from tests.servers import ThreadedServer
 
 
@@ -18,7 +18,7 @@ def llm_upstream():
 
     fake = FakeLLMUpstream()
     # "critical": the [drop] marker breaks connections on purpose, which uvicorn would log as errors.
-    with ThreadedServer(fake, port=LLM_PORT, log_level="critical", limit_concurrency=2000, backlog=2048):
+    with ThreadedServer(fake, sock=LLM_SOCKET, log_level="critical", limit_concurrency=2000, backlog=2048):
         yield fake
 
 
