@@ -187,6 +187,9 @@ os.environ.update({
     "MEDIAGATE_KEY_CACHE_SECONDS": "0.5",
     "MEDIAGATE_ALLOW_PRIVATE_URLS": "1",
     "MEDIAGATE_WORKER_CONCURRENCY": "250",
+    # Many apps and worker processes are alive at once in a run (and the chaos test starts more):
+    # small pools keep the total under PostgreSQL's default 100 connections.
+    "MEDIAGATE_DB_POOL_SIZE": "4",
     # Webhook retries in seconds, not hours, and a receiver that hangs is given up on quickly.
     "MEDIAGATE_WEBHOOK_SCHEDULE": "0.3,0.6,1",
     "MEDIAGATE_WEBHOOK_TIMEOUT": "3",

@@ -146,6 +146,7 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
         "MEDIAGATE_SWEEP_INTERVAL": "1", "MEDIAGATE_REDISPATCH_AFTER": "3",
         "MEDIAGATE_BACKEND_RETRIES": "2", "MEDIAGATE_BACKEND_RETRY_BACKOFF": "0.05",
         "MEDIAGATE_WEBHOOK_SCHEDULE": "0.2,0.5,1,1,2,2,3", "MEDIAGATE_WEBHOOK_TIMEOUT": "2",
+        "MEDIAGATE_DB_POOL_SIZE": "3",  # five worker processes and a gateway, beside the rest of the suite
     }
     settings = Settings.from_env({**os.environ, **env})
     engine = make_engine(chaos_db, pool_size=5)
