@@ -18,23 +18,17 @@ def dimensions(size: str, resolution: str) -> tuple[int, int]:
     return a * k, b * k
 
 
-def table() -> list[tuple[str, str, int, int]]:
-    from app.catalog import RESOLUTIONS, SIZES, SIZES_4K
-
-    rows = []
-    for size in SIZES[1:]:
-        for res in RESOLUTIONS:
-            if res == "4k" and size not in SIZES_4K:
-                continue
-            rows.append((size, res, *dimensions(size, res)))
-    return rows
-
-
-if __name__ == "__main__":  # prints the README's table
-    print("| size | 1k | 2k | 4k |\n|---|---|---|---|")
+def markdown_table() -> str:
+    """The README's table of delivered pixel sizes (`python -m app.images.dimensions` prints it)."""
     from app.catalog import SIZES, SIZES_4K
 
+    lines = ["| size | 1k | 2k | 4k |", "|---|---|---|---|"]
     for size in SIZES[1:]:
-        cells = [f"{w}×{h}" for w, h in (dimensions(size, r) for r in ("1k", "2k"))]
+        cells = ["{}×{}".format(*dimensions(size, res)) for res in ("1k", "2k")]
         cells.append("{}×{}".format(*dimensions(size, "4k")) if size in SIZES_4K else "—")
-        print(f"| {size} | " + " | ".join(cells) + " |")
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
