@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, update
@@ -26,19 +27,24 @@ class Principal:
     key_id: int
 
 
-def key_from_request(request: Request, *, google: bool = False) -> str | None:
-    auth = request.headers.get("authorization")
+def key_from_headers(headers: Mapping[str, str], *, google: bool = False, query_key: str | None = None) -> str | None:
+    """The API key a client sent: a bearer token or `x-api-key`, and for Google's clients
+    also `x-goog-api-key` or the `key` query parameter (`query_key`)."""
+    auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
     for header in ("x-api-key", "x-goog-api-key") if google else ("x-api-key",):
-        value = request.headers.get(header)
+        value = headers.get(header)
         if value:
             return value.strip()
-    if google:
-        return request.query_params.get("key") or None
-    return None
+    return (query_key or None) if google else None
+
+
+def key_from_request(request: Request, *, google: bool = False) -> str | None:
+    return key_from_headers(request.headers, google=google,
+                            query_key=request.query_params.get("key") if google else None)
 
 
 class Authenticator:
@@ -54,39 +60,43 @@ class Authenticator:
         self._used: set[int] = set()
 
     async def authenticate(self, request: Request, *, google: bool = False) -> Principal:
-        key = key_from_request(request, google=google)
+        return await self.check(key_from_request(request, google=google))
+
+    async def check(self, key: str | None) -> Principal:
+        """The principal of an API key as the client sent it (None: it sent none)."""
         if not key:
             raise unauthorized()
         if not keys.looks_like_key(key):
             raise unauthorized("Invalid API key. mediagate keys start with 'llm_'.")
         now = time.monotonic()
-        digest = keys.hash_key(key)
-        cached = self._cache.get(digest)
+        # Cached by the key itself: the process sees it on every request anyway, and
+        # hashing it each time cost more than the rest of the lookup.
+        cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
             principal = cached[0]
         else:
-            lookup = self._lookups.get(digest)
+            lookup = self._lookups.get(key)
             if lookup is None:
                 # A task of its own: a client that disconnects mid-lookup cancels only its wait.
-                lookup = self._lookups[digest] = asyncio.ensure_future(self._lookup(key, digest, now))
-                lookup.add_done_callback(lambda done: self._lookup_done(digest, done))
+                lookup = self._lookups[key] = asyncio.ensure_future(self._lookup(key, now))
+                lookup.add_done_callback(lambda done: self._lookup_done(key, done))
             principal = await asyncio.shield(lookup)
         if principal is None:
             raise unauthorized("Invalid or revoked API key.")
         self._used.add(principal.key_id)
         return principal
 
-    async def _lookup(self, key: str, digest: str, now: float) -> Principal | None:
+    async def _lookup(self, key: str, now: float) -> Principal | None:
         async with self._engine.connect() as conn:
             found = await conn.run_sync(keys.lookup, key)
         principal = Principal(account_id=found[1], key_id=found[0]) if found else None
         if len(self._cache) >= self.MAX_ENTRIES:
             self._cache.clear()
-        self._cache[digest] = (principal, now + self._ttl)
+        self._cache[key] = (principal, now + self._ttl)
         return principal
 
-    def _lookup_done(self, digest: str, done: asyncio.Future) -> None:
-        self._lookups.pop(digest, None)
+    def _lookup_done(self, key: str, done: asyncio.Future) -> None:
+        self._lookups.pop(key, None)
         if not done.cancelled():
             done.exception()  # retrieved: a failed lookup that nobody waits on any more logs nothing
 
@@ -108,4 +118,4 @@ async def require(request: Request, *, google: bool = False) -> Principal:
     return await auth.authenticate(request, google=google)
 
 
-__all__ = ["APIError", "Authenticator", "Principal", "key_from_request", "mark_used", "require"]
+__all__ = ["APIError", "Authenticator", "Principal", "key_from_headers", "key_from_request", "mark_used", "require"]

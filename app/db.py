@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.settings import async_database_url
@@ -89,3 +89,31 @@ async def open_psycopg_pool(url: str, size: int):
     pool = AsyncConnectionPool(conninfo, min_size=1, max_size=size, kwargs={"autocommit": True}, open=False)
     await pool.open()
     return pool
+
+
+def insert_rows(conn: Connection, table: Table, rows: list[dict], *, chunk: int = 500) -> None:
+    """Insert `rows` (dicts with the same keys) with one multi-row INSERT per `chunk` rows.
+
+    Values go through each column type's bind processing, as `conn.execute(insert(table), rows)`
+    would; but the driver gets one statement instead of one execution per row. In a
+    thread beside a busy event loop that matters twice: SQLite's driver releases the GIL
+    around every row, and each handoff waits on the loop (measured: the usage
+    recorder cost the proxy a third of its throughput this way).
+    """
+    if not rows:
+        return
+    dialect = conn.dialect
+    names = list(rows[0])
+    processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+    quote = dialect.identifier_preparer.quote
+    mark = "?" if dialect.paramstyle in ("qmark", "numeric") else "%s"
+    row_marks = "(" + ", ".join([mark] * len(names)) + ")"
+    head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in names)}) VALUES "
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        params: list = []
+        for row in part:
+            for name, process in zip(names, processors):
+                value = row[name]
+                params.append(process(value) if process is not None and value is not None else value)
+        conn.exec_driver_sql(head + ", ".join([row_marks] * len(part)), tuple(params))

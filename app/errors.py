@@ -73,6 +73,11 @@ def insufficient_balance(message: str = "Your balance is too low for this reques
     return APIError(402, message, code="insufficient_balance")
 
 
+def server_error() -> APIError:
+    return APIError(500, "The gateway failed unexpectedly. Check your task list or usage before you retry.",
+                    code="internal_error", type="server_error")
+
+
 def family_for(path: str, headers=None) -> str:
     """Which API family's error shape a path speaks (the /llm-api prefix is ignored)."""
     if path.startswith("/llm-api"):

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from starlette.requests import ClientDisconnect, Request
+from urllib.parse import parse_qsl
 
 from app import money
-from app.auth import Principal, require
+from app.auth import Principal, key_from_headers
 from app.catalog import Model
 from app.errors import APIError, insufficient_balance, invalid
 from app.models import utcnow
 from app.proxy import upstream
-from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate
+from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate, loads
 
 MAX_BODY = 32 * 1024 * 1024
 # Output the hold assumes when neither the request nor the catalog bounds it.
@@ -50,19 +50,30 @@ class Call:
     started: float = 0.0  # perf_counter at arrival
 
 
-async def prepare(request: Request, api: str, *, version: str = "v1beta") -> Call:
-    """Authenticate, parse, find the model and hold the most the call can cost.
+class ClientGone(Exception):
+    """The client went away before its request was read: there is nobody to answer."""
 
+
+async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", target: str = "") -> Call:
+    """Authenticate, read and parse the request, find the model and hold the most the call can cost.
+
+    Works on the raw ASGI scope: this runs on every LLM call, and a Starlette
+    Request would parse the headers and query again for each thing asked of it.
+    `state` is the app's state; `target` is a Gemini route's `{model}:{method}`.
     Raises APIError (401, 400, 404, 402, 413) before anything is held or sent.
     """
     started = time.perf_counter()
-    principal = await require(request, google=api == GEMINI)
-    state = request.app.state
-    body = await _read_body(request)
+    client = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    raw_query = scope.get("query_string")
+    query = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True) if raw_query else []
+    google = api == GEMINI
+    principal = await state.auth.check(
+        key_from_headers(client, google=google, query_key=_param(query, "key") if google else None))
+    body = await _read_body(receive, client.get("content-length"))
     parsed = _parse(body)
     gemini_method = ""
-    if api == GEMINI:
-        name, _, gemini_method = request.path_params["target"].rpartition(":")
+    if google:
+        name, _, gemini_method = target.rpartition(":")
         name = name.removeprefix("models/")
         if gemini_method not in GEMINI_METHODS:
             raise APIError(404, f"Method {gemini_method!r} is not offered for Gemini models here.", code="not_found")
@@ -75,13 +86,13 @@ async def prepare(request: Request, api: str, *, version: str = "v1beta") -> Cal
         raise _model_not_found(api, name, version)
 
     max_output = _max_output(api, parsed)
-    stream = gemini_method == "streamGenerateContent" if api == GEMINI else parsed.get("stream") is True
+    stream = gemini_method == "streamGenerateContent" if google else parsed.get("stream") is True
     strip_usage = False
     if api == CHAT and stream:
         options = parsed.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
             body, strip_usage = _with_include_usage(body, parsed), True
-    if model.upstream_model != name and api != GEMINI:
+    if model.upstream_model != name and not google:
         body = _with_model(body, parsed, name, model.upstream_model, strip_usage)
 
     limit = model.max_output_tokens
@@ -91,9 +102,9 @@ async def prepare(request: Request, api: str, *, version: str = "v1beta") -> Cal
     call = Call(
         id=f"req_{_ids.getrandbits(96):024x}", api=api, model=model, principal=principal, stream=stream,
         url=upstream.url(model.provider, api, model.upstream_model, version=version, method=gemini_method,
-                         query=request.query_params.multi_items()),
-        headers=upstream.request_headers(request.scope["headers"], model.provider), body=body, held=held,
-        strip_usage=strip_usage, sse=api != GEMINI or request.query_params.get("alt") == "sse",
+                         query=query),
+        headers=upstream.request_headers(client, model.provider), body=body, held=held,
+        strip_usage=strip_usage, sse=not google or _param(query, "alt") == "sse",
         created_at=utcnow(), started=started,
     )
     if held and not await state.llm.holds.take(principal.account_id, held):
@@ -104,23 +115,34 @@ async def prepare(request: Request, api: str, *, version: str = "v1beta") -> Cal
     return call
 
 
-async def _read_body(request: Request) -> bytes:
-    length = request.headers.get("content-length")
+def _param(query: list[tuple[str, str]], name: str) -> str | None:
+    return next((value for key, value in query if key == name), None)
+
+
+async def _read_body(receive, length: str | None) -> bytes:
     if length and length.isdigit() and int(length) > MAX_BODY:
-        raise APIError(413, f"The request body is larger than {MAX_BODY // 2**20} MiB.", code="request_too_large")
-    try:
-        body = await request.body()
-    except ClientDisconnect:
-        # Nobody is left to answer; an APIError ends the request without an error log.
-        raise APIError(400, "The client went away while sending the request.", code="client_disconnected") from None
-    if len(body) > MAX_BODY:
-        raise APIError(413, f"The request body is larger than {MAX_BODY // 2**20} MiB.", code="request_too_large")
-    return body
+        raise _too_large()
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"The request body is larger than {MAX_BODY // 2**20} MiB.", code="request_too_large")
 
 
 def _parse(body: bytes) -> dict:
     try:
-        parsed = json.loads(body)
+        parsed = loads(body)
     except (ValueError, UnicodeDecodeError):
         raise invalid(None, "The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(parsed, dict):

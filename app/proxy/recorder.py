@@ -17,9 +17,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine
 
 from app import ledger
+from app.db import insert_rows
 from app.models import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ def write(conn: Connection, items: list) -> None:
             row["cost"] = min(entry.cost, charged)
             charged -= row["cost"]
             rows.append(row)
-    if rows:
-        conn.execute(insert(UsageRecord.__table__), rows)  # Core: no ORM bulk-insert machinery
+    insert_rows(conn, UsageRecord.__table__, rows)
 
 
 class UsageRecorder:

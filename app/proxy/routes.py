@@ -6,34 +6,53 @@ so the documented Hermes Agent and OpenClaw base URLs work unchanged.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from app import pagination
 from app.auth import require
-from app.errors import family_for
+from app.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, APIError, server_error
 from app.proxy import calls, models_list, records
 from app.proxy.forward import ProxyResponse
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
+
+log = logging.getLogger(__name__)
+FAMILY_OF_API = {CHAT: OPENAI, RESPONSES: OPENAI, MESSAGES: ANTHROPIC, GEMINI: GEMINI_FAMILY}
 
 
 class Passthrough:
     """POST endpoint forwarding one API format, as a bare ASGI app.
 
-    Not a request/response function: Starlette would then wrap every `send`,
-    and a stream sends once per chunk. Errors still reach the app's handlers.
+    It answers its own errors in its format's shape, so the app can hand it a
+    request straight from the front door (`match`), with no router or
+    middleware in between; as a Starlette route it works the same.
     """
 
     def __init__(self, api: str, version: str = "v1beta"):
         self.api = api
         self.version = version
+        self.family = FAMILY_OF_API[api]
 
     async def __call__(self, scope, receive, send) -> None:
-        request = Request(scope, receive)
-        call = await calls.prepare(request, self.api, version=self.version)
-        family = family_for(scope["path"], request.headers)
-        await ProxyResponse(call, request.app.state.llm, family)(scope, receive, send)
+        state = scope["app"].state
+        response = None
+        try:
+            target = scope.get("path_params", {}).get("target", "")
+            call = await calls.prepare(scope, receive, state, self.api, version=self.version, target=target)
+            response = ProxyResponse(call, state.llm, self.family)
+            await response(scope, receive, send)
+        except APIError as error:
+            await error.response(self.family)(scope, receive, send)
+        except calls.ClientGone:
+            pass
+        except Exception:
+            if response is not None and response.started:
+                raise  # the server ends the broken response
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await server_error().response(self.family)(scope, receive, send)
 
 
 def _models(request: Request, *apis: str) -> list:
@@ -113,14 +132,37 @@ async def _csv(engine, account_id: int, filters: records.Filters, cursor: str | 
             return
 
 
+# The passthrough endpoints by exact path, and Gemini's by prefix (`{model}:{method}` follows).
+PASSTHROUGH = {
+    "/v1/chat/completions": Passthrough(CHAT),
+    "/v1/responses": Passthrough(RESPONSES),
+    "/api.openai.com/v1/responses": Passthrough(RESPONSES),
+    "/v1/messages": Passthrough(MESSAGES),
+    "/anthropic/v1/messages": Passthrough(MESSAGES),
+}
+GEMINI_PASSTHROUGH = {"/v1beta/models/": Passthrough(GEMINI, "v1beta"), "/v1/models/": Passthrough(GEMINI, "v1")}
+PREFIX = "/llm-api"
+
+
+def match(path: str) -> tuple[Passthrough, str] | None:
+    """The passthrough endpoint a POST to `path` goes to, and its Gemini target; None for any other path.
+
+    The app's front door asks this before its router, so the busiest requests skip
+    route matching and middleware; `routes` below serves the same endpoints for the rest."""
+    if path.startswith(PREFIX):
+        path = path[len(PREFIX):]
+    endpoint = PASSTHROUGH.get(path)
+    if endpoint is not None:
+        return endpoint, ""
+    for prefix, endpoint in GEMINI_PASSTHROUGH.items():
+        if path.startswith(prefix):
+            return endpoint, path[len(prefix):]
+    return None
+
+
 routes = [
-    Route("/v1/chat/completions", Passthrough(CHAT), methods=["POST"]),
-    Route("/v1/responses", Passthrough(RESPONSES), methods=["POST"]),
-    Route("/api.openai.com/v1/responses", Passthrough(RESPONSES), methods=["POST"]),
-    Route("/v1/messages", Passthrough(MESSAGES), methods=["POST"]),
-    Route("/anthropic/v1/messages", Passthrough(MESSAGES), methods=["POST"]),
-    Route("/v1beta/models/{target:path}", Passthrough(GEMINI, "v1beta"), methods=["POST"]),
-    Route("/v1/models/{target:path}", Passthrough(GEMINI, "v1"), methods=["POST"]),
+    *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PASSTHROUGH.items()),
+    *(Route(prefix + "{target:path}", endpoint, methods=["POST"]) for prefix, endpoint in GEMINI_PASSTHROUGH.items()),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/api.openai.com/v1/models", list_responses_models, methods=["GET"]),
     Route("/anthropic/models", list_anthropic_models, methods=["GET"]),

@@ -46,13 +46,9 @@ def url(provider: Provider, api: str, upstream_model: str, *, version: str = "v1
     return f"{target}?{urlencode(params)}" if params else target
 
 
-def request_headers(incoming: list[tuple[bytes, bytes]], provider: Provider) -> dict[str, str]:
-    """The client's headers as they go upstream, with the provider's credentials."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in incoming:
-        name = raw_name.decode("latin-1").lower()
-        if name not in _DROP_REQUEST:
-            headers[name] = raw_value.decode("latin-1")
+def request_headers(client: dict[str, str], provider: Provider) -> dict[str, str]:
+    """The client's headers (lower-case names) as they go upstream, with the provider's credentials."""
+    headers = {name: value for name, value in client.items() if name not in _DROP_REQUEST}
     # Identity: the bytes the client gets are the bytes the meter reads.
     headers["accept-encoding"] = "identity"
     key = provider.api_key or ""

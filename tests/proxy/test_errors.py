@@ -113,3 +113,31 @@ def test_unreachable_upstream_502_costs_nothing(base, make_account, engine):
     record = usage_rows(engine, account.id)[0]
     assert record.upstream_status is None and record.cost == 0 and not record.usage_reported
     assert money_state(engine, account.id)[0] == 10 * 10**9
+
+
+def test_front_door_and_router_agree(base, gateway, account):
+    """Passthrough POSTs skip the router; other methods on those paths still get the router's answers."""
+    assert_openai_error(httpx.get(base + "/v1/chat/completions", headers=account.headers), 405)
+    assert_anthropic_error(httpx.get(gateway.url + "/anthropic/v1/messages", headers=account.headers), 405,
+                           "api_error")
+    # Without the /llm-api prefix the front door serves the same endpoints.
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=account.headers,
+                          json={"model": "gpt-4o", **CHAT})
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+    assert_gemini_error(httpx.post(gateway.url + "/v1/models/gemini-2.5-flash:countTokens", headers=account.headers,
+                                   json=GEMINI), 404, "NOT_FOUND")
+
+
+def test_unexpected_failure_is_500_in_the_family_shape(base, account, monkeypatch):
+    from app.proxy import calls
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(calls, "prepare", broken)
+    assert_openai_error(httpx.post(base + "/v1/chat/completions", headers=account.headers, json=CHAT), 500,
+                        "internal_error")
+    assert_anthropic_error(httpx.post(base + "/anthropic/v1/messages", headers=account.headers, json=MESSAGES),
+                           500, "api_error")
+    assert_gemini_error(httpx.post(base + "/v1beta/models/gemini-2.5-flash:generateContent",
+                                   headers=account.headers, json=GEMINI), 500, "INTERNAL")

@@ -89,6 +89,14 @@ def test_request_body_goes_up_unchanged_but_for_the_model(base, account, llm_ups
     assert llm_upstream.last("/chat/completions")["body"] == plain
 
 
+def test_bodies_only_pythons_json_reads_still_go_up(base, account, llm_upstream):
+    """The fast parser refuses NaN and lone surrogate escapes; such bodies are read as before, not refused."""
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"\\ud800 odd"}],"temperature":NaN}'
+    response = httpx.post(base + "/v1/chat/completions", headers=account.headers, content=body)
+    assert response.status_code == 200
+    assert llm_upstream.last("/chat/completions")["body"] == body
+
+
 def test_credentials_and_headers_upstream(base, account, llm_upstream):
     headers = {**account.headers, "x-api-key": account.key, "openai-organization": "org-client",
                "proxy-authorization": "Basic eA==", "te": "trailers", "x-stainless-lang": "python",

@@ -1,0 +1,41 @@
+"""app.db helpers against the run's database (SQLite, or PostgreSQL in CI)."""
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import insert, select
+
+from app import accounts, money
+from app.db import insert_rows
+from app.models import UsageRecord
+
+
+def _rows(account_id: int, prefix: str) -> list[dict]:
+    start = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    return [dict(id=f"{prefix}{i}", account_id=account_id, api_key_id=None, model="m'odel \"q\"", api_format="chat",
+                 stream=i % 2 == 0, input_tokens=i, output_tokens=2**31 - 1 - i, cached_tokens=0, reasoning_tokens=0,
+                 usage_reported=i != 3, cost=10**15 + i, upstream_status=None if i == 4 else 200,
+                 latency_ms=i, ttfb_ms=None, client_disconnected=i == 1,
+                 # a naive time is UTC, and another zone is converted, as the column type does for Core
+                 created_at=start.replace(tzinfo=None) if i == 2 else
+                 (start + timedelta(seconds=i)).astimezone(timezone(timedelta(hours=-5))))
+            for i in range(5)]
+
+
+def _read(conn, prefix: str) -> list[tuple]:
+    table = UsageRecord.__table__
+    rows = conn.execute(select(table).where(table.c.id.like(prefix + "%")).order_by(table.c.id)).mappings()
+    return [tuple(value for name, value in row.items() if name != "id") for row in rows]
+
+
+def test_insert_rows_writes_what_a_core_insert_writes(engine):
+    tag = uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        account_id = accounts.create(conn, f"db-{tag}@example.com", money.from_usd("1"))
+        insert_rows(conn, UsageRecord.__table__, _rows(account_id, f"fast-{tag}-"), chunk=2)  # three statements
+        conn.execute(insert(UsageRecord.__table__), _rows(account_id, f"core-{tag}-"))
+        insert_rows(conn, UsageRecord.__table__, [])  # nothing to write: no statement
+    with engine.connect() as conn:
+        fast, core = _read(conn, f"fast-{tag}-"), _read(conn, f"core-{tag}-")
+    assert len(fast) == 5 and fast == core
+    assert fast[2][-1] == datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
