@@ -26,7 +26,7 @@ from sqlalchemy import JSON, Connection, Table, bindparam, delete, func, insert,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
-from app.models import Account, LedgerEntry, LLMHold, Money, Timestamp, utcnow
+from app.models import Account, LedgerEntry, LLMHold, Timestamp, utcnow
 
 TOPUP, CHARGE, REFUND, USAGE = "topup", "charge", "refund", "usage"
 
@@ -143,35 +143,31 @@ def refund(conn: Connection, account_id: int, amount: int, *, reference: str, no
     return True
 
 
-def hold(conn: Connection, account_id: int, amount: int, *, owner: str, expires_at: datetime) -> bool:
-    """Reserve `amount` of the free balance for `owner`'s requests in flight; False if it can't be covered.
+def hold(conn: Connection, account_id: int, amount: int, *, owner: str, expires_at: datetime,
+         up_to: int | None = None, share: int = 4) -> int:
+    """Reserve at least `amount` of the free balance for `owner`'s requests in flight; returns
+    what was reserved, 0 if not even `amount` can be covered.
 
-    A hold is not spent money and makes no ledger row. It is added to `owner`'s hold
-    row for the account, whose lease runs to `expires_at` (for the whole row);
-    `settle` releases it, and the sweep does if the lease runs out.
+    `up_to` asks for more, a block for the requests to come; the part beyond `amount`
+    never takes more than 1/`share` of the free balance, so one process's block leaves
+    most of a small balance to the others. A hold is not spent money and makes no ledger
+    row. It is added to `owner`'s hold row for the account, whose lease runs to
+    `expires_at` (for the whole row); `settle` releases it, and the sweep does if the
+    lease runs out.
     """
-    reserve = (update(Account)
-               .where(Account.id == account_id, Account.balance - Account.held >= amount)
-               .values(held=Account.held + amount))
-    if conn.dialect.name == "postgresql":
-        # One statement (a data-modifying CTE): a top-up costs no more round trips than before leases.
-        reserved = reserve.returning(Account.id).cte("reserved")
-        stmt = postgresql.insert(LLMHold).from_select(
-            ["owner", "account_id", "amount", "expires_at", "created_at"],
-            select(literal(owner), reserved.c.id, literal(amount, Money), literal(expires_at, Timestamp),
-                   literal(utcnow(), Timestamp)))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["owner", "account_id"],
-            set_={"amount": LLMHold.amount + stmt.excluded.amount, "expires_at": stmt.excluded.expires_at})
-        return conn.execute(stmt.returning(LLMHold.account_id).add_cte(reserved)).first() is not None
-    if conn.execute(reserve).rowcount != 1:
-        return False
-    stmt = sqlite.insert(LLMHold).values(owner=owner, account_id=account_id, amount=amount,
-                                         expires_at=expires_at, created_at=utcnow())
+    free = conn.execute(select(Account.balance - Account.held).where(Account.id == account_id)
+                        .with_for_update(key_share=True)).scalar()
+    if free is None or free < amount or amount <= 0:
+        return 0
+    granted = amount if up_to is None else min(max(up_to, amount), max(amount, free // share))
+    conn.execute(update(Account).where(Account.id == account_id).values(held=Account.held + granted))
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = dialect_insert(LLMHold).values(owner=owner, account_id=account_id, amount=granted, expires_at=expires_at,
+                                  created_at=utcnow())
     conn.execute(stmt.on_conflict_do_update(
         index_elements=["owner", "account_id"],
         set_={"amount": LLMHold.amount + stmt.excluded.amount, "expires_at": stmt.excluded.expires_at}))
-    return True
+    return granted
 
 
 def settle(conn: Connection, account_id: int, held: int, cost: int, *, owner: str, reference: str,

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from app import accounts, ledger, money
-from app.models import LedgerEntry, utcnow
+from app.models import LedgerEntry, LLMHold, utcnow
 
 
 @pytest.fixture
@@ -42,6 +42,22 @@ def test_hold_reserves_and_settle_charges_never_below_zero(engine, funded):
         assert not ledger.hold(conn, funded, 11, **lease)  # only 10 units are free
         charged = ledger.settle(conn, funded, one - 10, one * 2, owner="test-process", reference="req_1")
         assert charged == one and ledger.balance(conn, funded) == 0 == ledger.ledger_sum(conn, funded)
+
+
+def test_a_hold_block_takes_at_most_a_share_of_the_free_balance(engine, funded):
+    lease = {"owner": "p", "expires_at": utcnow() + timedelta(seconds=60)}
+    free = money.from_usd("1")
+    with engine.begin() as conn:
+        assert ledger.hold(conn, funded, 10, **lease) == 10  # no block asked: exactly the amount
+        free -= 10
+        assert ledger.hold(conn, funded, 10, up_to=50, **lease) == 50  # a small block fits
+        free -= 50
+        assert ledger.hold(conn, funded, 10, up_to=free, share=4, **lease) == free // 4
+        free -= free // 4
+        assert ledger.hold(conn, funded, free - 1, up_to=free, share=4, **lease) == free - 1  # the need comes first
+        assert ledger.hold(conn, funded, 2, up_to=100, **lease) == 0  # one unit is free
+        assert ledger.hold(conn, funded, 1, up_to=100, **lease) == 1
+        assert conn.execute(select(LLMHold.amount).where(LLMHold.account_id == funded)).scalar() == money.from_usd("1")
 
 
 def test_top_up_must_be_positive(engine, funded):

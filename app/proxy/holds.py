@@ -5,10 +5,12 @@ each one with its own UPDATE costs a database round trip per request on the
 hot path, so each process keeps, per account, a pool of balance it has already
 held in the database (`accounts.held`, through `ledger.hold`) and carves
 calls' holds out of it in memory. A pool that runs short is topped up with a
-block big enough for the next calls; when the balance can't give a block, with
-exactly what the call needs, so a small balance is shared out as precisely as
-per-call holds would. Nothing is reserved that the database did not hold
-first, so concurrent calls can never together promise more than the balance.
+block big enough for the next calls, but beyond what the asking call needs a
+block takes at most a quarter of the free balance (`ledger.hold`): near the end
+of a balance the blocks shrink to what each call needs, and most of what is
+left stays free for the account's calls in other web processes. Nothing is
+reserved that the database did not hold first, so concurrent calls can never
+together promise more than the balance.
 
 When a call ends, its hold leaves the pool and the usage recorder releases it
 in the database as it settles the call. A pool left idle is handed back.
@@ -47,7 +49,9 @@ log = logging.getLogger(__name__)
 
 # A top-up holds room for this many calls like the one asking; a busy pool's
 # blocks double up to the maximum, so a steady stream of calls rarely waits on the database.
-BLOCK_CALLS, MAX_BLOCK_CALLS = 16, 64
+BLOCK_CALLS, MAX_BLOCK_CALLS = 16, 256
+# Beyond what the asking call needs, a block takes at most 1/BLOCK_SHARE of the free balance.
+BLOCK_SHARE = 4
 IDLE_SECONDS = 2.0  # an unused pool goes back to the balance after this long
 # A process's hold rows live this long unless renewed, which it does every RENEW_SECONDS; a
 # killed process's holds come back within LEASE_SECONDS plus one Celery sweep interval.
@@ -109,34 +113,37 @@ class HoldPool:
             while pool.free < amount:
                 need = amount - pool.free
                 block = max(need, amount * pool.block_calls - pool.free)
-                got = await self._top_up(pool, account_id, block)
-                if got:
-                    pool.block_calls = min(pool.block_calls * 2, MAX_BLOCK_CALLS)
-                elif got is False and (block == need or await self._top_up(pool, account_id, need) is False):
+                got = await self._top_up(pool, account_id, need, block)
+                if got is None:
+                    continue  # the lease was lost meanwhile and the pool starts over; look again
+                if not got:
                     return False
-                # None: the lease was lost meanwhile and the pool starts over; look again.
+                if got >= block:
+                    pool.block_calls = min(pool.block_calls * 2, MAX_BLOCK_CALLS)
             pool.in_flight += amount
             return True
 
-    async def _top_up(self, pool: _Pool, account_id: int, amount: int) -> bool | None:
-        """Hold `amount` more in the database for the pool: True, False if the balance
-        can't cover it, None if the process's lease was lost meanwhile (nothing added)."""
+    async def _top_up(self, pool: _Pool, account_id: int, need: int, block: int) -> int | None:
+        """Hold at least `need` and up to `block` more in the database for the pool: what was
+        held, 0 if the balance can't cover `need`, None if the lease was lost meanwhile."""
         owner, started = self.owner, time.monotonic()
-        if not await asyncio.to_thread(self._hold, account_id, amount, owner):
-            return False
+        got = await asyncio.to_thread(self._hold, account_id, need, block, owner)
+        if not got:
+            return 0
         if owner != self.owner:
             return None  # held under the lost owner: its row expires and the sweep gives it back
-        pool.total += amount
+        pool.total += got
         pool.has_row = True
         pool.trusted_until = started + self._lease - self._margin
-        return True
+        return got
 
     def _expiry(self):
         return utcnow() + timedelta(seconds=self._lease)
 
-    def _hold(self, account_id: int, amount: int, owner: str) -> bool:
+    def _hold(self, account_id: int, need: int, block: int, owner: str) -> int:
         with self._engine.begin() as conn:
-            return ledger.hold(conn, account_id, amount, owner=owner, expires_at=self._expiry())
+            return ledger.hold(conn, account_id, need, owner=owner, expires_at=self._expiry(), up_to=block,
+                               share=BLOCK_SHARE)
 
     def finish(self, account_id: int, amount: int) -> int:
         """The call holding `amount` ended; returns the part the recorder must release in the

@@ -72,6 +72,35 @@ def test_a_big_balance_is_held_in_blocks_and_given_back(make_account, engine):
     assert money_state(engine, account.id) == (10**10, 0, 10**10)
 
 
+def test_one_process_s_block_leaves_most_of_a_balance_to_the_others(make_account, engine):
+    """Two web processes on one account: the first one's unused block can't starve the second."""
+    account = make_account(balance="0.000020")  # 20 calls of 1,000 nano-dollars
+
+    async def scenario():
+        recorders = [UsageRecorder(engine), UsageRecorder(engine)]  # one per process
+        for recorder in recorders:
+            recorder.start()
+        first, second = HoldPool(engine, recorders[0]), HoldPool(engine, recorders[1])
+        assert await first.take(account.id, 1_000)
+        end_call(first, recorders[0], account.id, 1_000)
+        await recorders[0].flush()
+        # A 16-call block would leave 4 calls to the other process; at most a quarter is taken.
+        assert money_state(engine, account.id)[1] == 4_000
+        served = 0
+        while await second.take(account.id, 1_000):
+            served += 1
+        assert served == 16  # all but the first process's idle 4,000
+        for _ in range(served):
+            end_call(second, recorders[1], account.id, 1_000)
+        await first.stop()
+        await second.stop()
+        for recorder in recorders:
+            await recorder.stop()
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (20_000, 0, 20_000)
+
+
 def test_stopping_the_gateway_writes_queued_usage_and_returns_holds(database, llm_upstream, make_account, engine):
     from app.main import create_app
 
