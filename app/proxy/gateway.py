@@ -66,4 +66,7 @@ class LLMGateway:
 def _session(provider: Provider) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=provider.timeout or READ_TIMEOUT)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, raise_for_status=False)
+    # No cookie jar: the session is shared by every account's calls, so a provider's cookie
+    # must not be stored, let alone sent with someone else's request.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, raise_for_status=False,
+                                 cookie_jar=aiohttp.DummyCookieJar())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -132,6 +133,27 @@ def test_response_headers_kept_and_dropped(base, account):
     assert anthropic.headers["request-id"] == "req_fake_anthropic"
     assert anthropic.headers["anthropic-ratelimit-requests-remaining"] == "49"
     assert "anthropic-organization-id" not in anthropic.headers
+
+
+def test_the_shared_upstream_session_keeps_no_cookies(llm_upstream):
+    """One account's upstream cookie (the fake sets one) must never go out with another's call."""
+    from app.catalog import Provider
+    from app.proxy.gateway import _session
+    from tests.conftest import LLM_PORT
+
+    # By name, not by IP: a cookie jar ignores cookies from IP addresses anyway.
+    provider = Provider("cookies", "openai", f"http://localhost:{LLM_PORT}/v1", "k")
+
+    async def two_calls():
+        session = _session(provider)
+        for text in ("one", "two"):
+            async with session.post(provider.base_url + "/chat/completions", json=chat(text)) as response:
+                assert response.headers["set-cookie"].startswith("__cf_bm=")
+                await response.read()
+        await session.close()
+
+    asyncio.run(two_calls())
+    assert "cookie" not in llm_upstream.last("/chat/completions")["headers"]
 
 
 def test_stream_is_not_buffered(base, account):
