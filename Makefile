@@ -35,9 +35,9 @@ test-integration: install chromium
 bench: install
 	$(PY) -m bench.submit
 
-# The LLM passthrough against a loopback fake upstream, direct and through mediagate.
+# The LLM passthrough against a loopback fake upstream, direct and through mediagate (wrk and Python load).
 bench-proxy: install
-	$(PY) -m bench.proxy --compare-clients
+	$(PY) -m bench.proxy --compare-clients --driver all
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -5,6 +5,8 @@
   measure the proxy and not the fake.
 - `bare_httpx`, `bare_aiohttp`: the thinnest Starlette passthrough to
   BENCH_UPSTREAM on each HTTP client, the yardstick for choosing one.
+- `bare_asgi`: the thinnest passthrough there is on this stack: a raw ASGI
+  callable on aiohttp, no framework, no key, no metering. The floor.
 """
 
 from __future__ import annotations
@@ -138,3 +140,33 @@ def upstream_starlette():
                                  headers={"x-request-id": "req_bench"})
 
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+
+
+def bare_asgi():
+    import aiohttp
+
+    target = UPSTREAM + "/v1/chat/completions"
+    sessions = []
+    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+                await send({"type": "lifespan.startup.complete"})
+            await sessions[0].close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        async with sessions[0].post(target, data=body, headers=headers) as response:
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", response.headers["content-type"].encode())]})
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return app

@@ -1,7 +1,7 @@
 """Benchmark the LLM passthrough: direct to a loopback fake upstream vs through mediagate.
 
     python -m bench.proxy [--seconds 5] [--concurrency 32] [--chunks 20] [--compare-clients]
-                          [--database-url postgresql://user@host/db]
+                          [--driver auto|wrk|aiohttp|all] [--database-url postgresql://user@host/db]
 
 One run starts, each in its own process under uvicorn with uvloop and httptools:
 the fake upstream (bench/llm_apps.py, a minimal OpenAI chat endpoint) and
@@ -10,8 +10,14 @@ it migrates) with one funded account and key. It then drives each target with
 `--concurrency` clients for `--seconds` per scenario, a non-streaming and a
 streaming chat completion, and prints requests per second, p50 / p99 latency
 and the ratio through mediagate / direct. `--compare-clients` adds a bare
-Starlette passthrough on httpx.AsyncClient and one on aiohttp.ClientSession:
-the measurement the proxy's HTTP client was chosen by.
+Starlette passthrough on httpx.AsyncClient and one on aiohttp.ClientSession
+(the measurement the proxy's HTTP client was chosen by), and a raw ASGI
+passthrough on aiohttp (the floor for any gateway on this stack).
+
+The load comes from wrk (C, cheap on CPU) or from a Python aiohttp client
+(which takes a core's worth of CPU from the servers, as the Python load
+generators do that such comparisons are often made with); `--driver all` runs
+both in one go and prints a table for each.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from bench.common import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"bench-chat","messages":[{"role":"user","content":"Say hello."}],"max_tokens":64%s}'
@@ -181,8 +189,9 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--upstream", choices=tuple(UPSTREAMS), default="starlette",
                         help="the fake upstream: a Starlette app (default) or a bare ASGI callable")
-    parser.add_argument("--driver", choices=("auto", "wrk", "aiohttp"), default="auto",
-                        help="load generator: wrk when installed (auto), else a Python aiohttp client")
+    parser.add_argument("--driver", choices=("auto", "wrk", "aiohttp", "all"), default="auto",
+                        help="load generator: wrk when installed (auto), else a Python aiohttp client; "
+                             "all: both, one after the other")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mediagate-bench-"))
@@ -201,29 +210,36 @@ def main() -> None:
              serve("app.main:create_app", gw_port, env, factory=True)]
     targets = {"direct": (up_port, "", procs[0]), "mediagate": (gw_port, "/llm-api", procs[1])}
     if args.compare_clients:
-        for name in ("httpx", "aiohttp"):
+        for name in ("httpx", "aiohttp", "asgi"):
             port = free_port()
             procs.append(serve(f"bench.llm_apps:bare_{name}", port, env, factory=True))
             targets[f"bare-{name}"] = (port, "", procs[-1])
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
-    driver = args.driver if args.driver != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
-    runs: dict[tuple[str, str], list[dict]] = {}
+    if args.driver in ("wrk", "all"):
+        require_tool("wrk", "wrk")  # Debian's package, installed when missing
+    if args.driver == "all":
+        drivers = ["wrk", "aiohttp"]
+    else:
+        drivers = [args.driver if args.driver != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")]
+    runs: dict[str, dict[tuple[str, str], list[dict]]] = {driver: {} for driver in drivers}
     try:
         # Rounds interleave the targets, so a burst of other load on the machine hits them alike;
         # each figure printed is the median over the rounds.
-        for _ in range(args.rounds):
-            for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
-                for name, (port, prefix, proc) in targets.items():
-                    url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
-                    runs.setdefault((mode, name), []).append(
-                        measure(driver, proc.pid, url, headers, BODY % extra, bool(extra), args, tmp))
+        for driver in drivers:
+            for _ in range(args.rounds):
+                for mode, extra in (("non-streaming", b""), ("streaming", b',"stream":true')):
+                    for name, (port, prefix, proc) in targets.items():
+                        url = f"http://127.0.0.1:{port}{prefix}/v1/chat/completions"
+                        runs[driver].setdefault((mode, name), []).append(
+                            measure(driver, proc.pid, url, headers, BODY % extra, bool(extra), args, tmp))
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
-    report(runs, args, driver)
+    for driver in drivers:
+        report(runs[driver], args, driver)
 
 
 def measure(driver: str, pid: int, url: str, headers: dict, body: bytes, stream: bool, args, tmp: Path) -> dict:

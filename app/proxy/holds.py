@@ -8,7 +8,9 @@ calls' holds out of it in memory. A pool that runs short is topped up with a
 block big enough for the next calls, but beyond what the asking call needs a
 block takes at most a quarter of the free balance (`ledger.hold`): near the end
 of a balance the blocks shrink to what each call needs, and most of what is
-left stays free for the account's calls in other web processes. Nothing is
+left stays free for the account's calls in other web processes. A pool with a
+quarter of its last block left fetches the next one in the background, so a
+steady stream of calls doesn't wait on the database at all. Nothing is
 reserved that the database did not hold first, so concurrent calls can never
 together promise more than the balance.
 
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 BLOCK_CALLS, MAX_BLOCK_CALLS = 16, 256
 # Beyond what the asking call needs, a block takes at most 1/BLOCK_SHARE of the free balance.
 BLOCK_SHARE = 4
+# When less than 1/REFILL_AT of its last block is left, a pool fetches the next in the background.
+REFILL_AT = 4
 IDLE_SECONDS = 2.0  # an unused pool goes back to the balance after this long
 # A process's hold rows live this long unless renewed, which it does every RENEW_SECONDS; a
 # killed process's holds come back within LEASE_SECONDS plus one Celery sweep interval.
@@ -75,6 +79,8 @@ class _Pool:
     has_row: bool = False  # this owner has a hold row for the account, renewed while the pool lives
     trusted_until: float = 0.0  # monotonic time until which the row's lease surely holds
     lost: int = 0  # the part of in_flight held under a lease that was lost: nothing to release for it
+    low_water: int = 0  # below this much free, the next block is fetched in the background
+    refill: asyncio.Task | None = None
 
     @property
     def free(self) -> int:
@@ -106,6 +112,8 @@ class HoldPool:
         pool.used_at = now = time.monotonic()
         if pool.free >= amount and now < pool.trusted_until:
             pool.in_flight += amount
+            if pool.free < pool.low_water and pool.refill is None and not pool.lock.locked():
+                pool.refill = asyncio.create_task(self._refill(account_id, pool, amount))
             return True
         async with pool.lock:  # one top-up at a time; the others wait and look again
             if pool.has_row and time.monotonic() >= pool.trusted_until:
@@ -123,6 +131,23 @@ class HoldPool:
             pool.in_flight += amount
             return True
 
+    async def _refill(self, account_id: int, pool: _Pool, amount: int) -> None:
+        """Fetch the next block while the pool still has some left, so a steady stream of
+        calls never waits on the database (a top-up commits to disk: milliseconds)."""
+        try:
+            async with pool.lock:
+                if (self._pools.get(account_id) is not pool or pool.free >= pool.low_water
+                        or time.monotonic() >= pool.trusted_until):
+                    return  # given back, topped up meanwhile, or the lease needs renewing: calls see to it
+                block = amount * pool.block_calls
+                got = await self._top_up(pool, account_id, amount, block)
+                if got and got >= block:
+                    pool.block_calls = min(pool.block_calls * 2, MAX_BLOCK_CALLS)
+        except Exception:  # the database is away: the next call that runs short tries again
+            log.warning("topping up the hold pool of account %s failed", account_id, exc_info=True)
+        finally:
+            pool.refill = None
+
     async def _top_up(self, pool: _Pool, account_id: int, need: int, block: int) -> int | None:
         """Hold at least `need` and up to `block` more in the database for the pool: what was
         held, 0 if the balance can't cover `need`, None if the lease was lost meanwhile."""
@@ -133,6 +158,7 @@ class HoldPool:
         if owner != self.owner:
             return None  # held under the lost owner: its row expires and the sweep gives it back
         pool.total += got
+        pool.low_water = got // REFILL_AT if got > need else 0  # exact grants: the balance is nearly spent
         pool.has_row = True
         pool.trusted_until = started + self._lease - self._margin
         return got
@@ -217,6 +243,7 @@ class HoldPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        await asyncio.gather(*(pool.refill for pool in self._pools.values() if pool.refill), return_exceptions=True)
         self.give_back(idle_for=0)
         await self._recorder.flush()
         try:

@@ -326,9 +326,9 @@ class FakeLLMUpstream:
     async def _whole(self, send, fmt, status, body, p: Plan):
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *HEADERS[fmt]]})
-        await send({"type": "http.response.body", "body": body})
-        if p.tag:
+        if p.tag:  # before the last send: the client may have it all before this coroutine runs again
             self.sent[p.tag] = body
+        await send({"type": "http.response.body", "body": body})
 
     async def _stream(self, send, receive, fmt, events, p: Plan, *, offset: int,
                       content_type: bytes = b"text/event-stream; charset=utf-8"):
@@ -352,6 +352,6 @@ class FakeLLMUpstream:
                 await asyncio.sleep(p.slow)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             sent += event
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if p.tag:
+        if p.tag:  # before the last send: the client may have it all before this coroutine runs again
             self.sent[p.tag] = sent
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -72,6 +72,39 @@ def test_a_big_balance_is_held_in_blocks_and_given_back(make_account, engine):
     assert money_state(engine, account.id) == (10**10, 0, 10**10)
 
 
+def test_a_busy_pool_fetches_its_next_block_before_running_dry(make_account, engine):
+    account = make_account(balance="10")
+
+    def served_from_memory(pool: HoldPool) -> bool:
+        """Take a call's hold; True if that finished at once, without waiting on anything."""
+        step = pool.take(account.id, 1_000)
+        try:
+            step.send(None)
+        except StopIteration as done:
+            return done.value is True
+        step.close()
+        return False
+
+    async def scenario():
+        recorder = UsageRecorder(engine)
+        recorder.start()
+        pool = HoldPool(engine, recorder)
+        assert await pool.take(account.id, 1_000)  # the first block: 16 calls
+        assert all(served_from_memory(pool) for _ in range(12))  # 3 calls' worth left: under a quarter
+        refill = pool._pools[account.id].refill
+        assert refill is not None
+        await refill
+        assert money_state(engine, account.id)[1] == 48_000  # the next, doubled block is there already
+        assert all(served_from_memory(pool) for _ in range(30))
+        for _ in range(43):
+            end_call(pool, recorder, account.id, 1_000)
+        await pool.stop()
+        await recorder.stop()
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (10**10, 0, 10**10)
+
+
 def test_one_process_s_block_leaves_most_of_a_balance_to_the_others(make_account, engine):
     """Two web processes on one account: the first one's unused block can't starve the second."""
     account = make_account(balance="0.000020")  # 20 calls of 1,000 nano-dollars
