@@ -72,7 +72,6 @@ class Gateway(Starlette):
 
 def _tune_gc() -> None:
     """What startup made lives as long as the process: move it out of the collector's way."""
-    gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, older, oldest)
