@@ -87,7 +87,7 @@ class ProxyResponse:
                              "The upstream provider " + ("did not answer in time" if timed_out else
                                                          "could not be reached or broke off") +
                              "; nothing was charged.", code="upstream_timeout" if timed_out else "upstream_error")
-            self.done = True
+            self.done = self.started = True
             await error.response(self.family)(scope, receive, send)
         finally:
             if response is not None:
