@@ -162,8 +162,8 @@ def hold(conn: Connection, account_id: int, amount: int, *, owner: str, expires_
     granted = amount if up_to is None else min(max(up_to, amount), max(amount, free // share))
     conn.execute(update(Account).where(Account.id == account_id).values(held=Account.held + granted))
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(LLMHold).values(owner=owner, account_id=account_id, amount=granted, expires_at=expires_at,
-                                  created_at=utcnow())
+    stmt = dialect_insert(LLMHold).values(owner=owner, account_id=account_id, amount=granted,
+                                          expires_at=expires_at, created_at=utcnow())
     conn.execute(stmt.on_conflict_do_update(
         index_elements=["owner", "account_id"],
         set_={"amount": LLMHold.amount + stmt.excluded.amount, "expires_at": stmt.excluded.expires_at}))

@@ -13,7 +13,6 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-
 from urllib.parse import parse_qsl
 
 from app import money

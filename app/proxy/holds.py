@@ -141,7 +141,9 @@ class HoldPool:
                     return  # given back, topped up meanwhile, or the lease needs renewing: calls see to it
                 block = amount * pool.block_calls
                 got = await self._top_up(pool, account_id, amount, block)
-                if got and got >= block:
+                if got == 0:
+                    pool.low_water = 0  # the balance is nearly spent: no more fetching ahead
+                elif got and got >= block:
                     pool.block_calls = min(pool.block_calls * 2, MAX_BLOCK_CALLS)
         except Exception:  # the database is away: the next call that runs short tries again
             log.warning("topping up the hold pool of account %s failed", account_id, exc_info=True)
