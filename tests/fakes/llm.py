@@ -22,6 +22,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from collections import defaultdict
 
 KEYS = {"openai": "Bearer sk-upstream-llm-openai", "anthropic": "sk-ant-upstream", "gemini": "upstream-gemini-llm-key"}
@@ -245,6 +246,16 @@ class FakeLLMUpstream:
         self.sent: dict[str, bytes] = {}
         self.closed: dict[str, threading.Event] = defaultdict(threading.Event)
         self.in_flight = 0
+
+    def sent_for(self, tag: str, timeout: float = 5.0) -> bytes:
+        """What the fake sent for the request tagged `tag`. The fake runs in its own thread,
+        and a client can have the whole response before the fake's coroutine runs again."""
+        deadline = time.monotonic() + timeout
+        while tag not in self.sent:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the fake upstream sent nothing for tag {tag}")
+            time.sleep(0.005)
+        return self.sent[tag]
 
     def last(self, path_part: str) -> dict:
         return next(c for c in reversed(self.calls) if path_part in c["path"])
