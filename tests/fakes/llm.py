@@ -22,7 +22,6 @@ import asyncio
 import json
 import re
 import threading
-import time
 from collections import defaultdict
 
 KEYS = {"openai": "Bearer sk-upstream-llm-openai", "anthropic": "sk-ant-upstream", "gemini": "upstream-gemini-llm-key"}
@@ -65,7 +64,9 @@ class Plan:
         self.drop = marker(body, "drop")
         self.slow = marker(body, "slow", 0) / 1000
         self.wait = marker(body, "wait", 0) / 1000
-        self.tag = marker(body, "tag")
+        # Text as sent: `marker` would turn an all-digit tag into a number (and lose leading zeros).
+        tag = re.search(rb"\[tag:([^\]]*)\]", body)
+        self.tag = tag.group(1).decode() if tag else None
 
 
 # ---- OpenAI Chat Completions -------------------------------------------------------------------
@@ -246,16 +247,6 @@ class FakeLLMUpstream:
         self.sent: dict[str, bytes] = {}
         self.closed: dict[str, threading.Event] = defaultdict(threading.Event)
         self.in_flight = 0
-
-    def sent_for(self, tag: str, timeout: float = 5.0) -> bytes:
-        """What the fake sent for the request tagged `tag`. The fake runs in its own thread,
-        and a client can have the whole response before the fake's coroutine runs again."""
-        deadline = time.monotonic() + timeout
-        while tag not in self.sent:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the fake upstream sent nothing for tag {tag}")
-            time.sleep(0.005)
-        return self.sent[tag]
 
     def last(self, path_part: str) -> dict:
         return next(c for c in reversed(self.calls) if path_part in c["path"])

@@ -47,7 +47,7 @@ def test_streamed_bytes_are_the_upstreams(name, base, account, llm_upstream):
     name_tag = tag()
     response, received = stream_bytes(base + path, account.headers, make(f"hi [chunks:5] [tag:{name_tag}]"))
     assert response.status_code == 200
-    assert received == llm_upstream.sent_for(name_tag)
+    assert received == llm_upstream.sent[name_tag]
     assert len(received) > 500
 
 
@@ -62,7 +62,7 @@ def test_whole_bodies_are_the_upstreams(path, body, base, account, llm_upstream)
     text = json.dumps(body).replace('"hi"', f'"hi [tag:{name_tag}]"')
     response = httpx.post(base + path, headers=account.headers, content=text)
     assert response.status_code == 200
-    assert response.content == llm_upstream.sent_for(name_tag)
+    assert response.content == llm_upstream.sent[name_tag]
     assert response.headers["content-length"] == str(len(response.content))
 
 
@@ -73,7 +73,7 @@ def test_include_usage_is_added_upstream_and_its_chunk_hidden(base, account, llm
     _, received = stream_bytes(base + "/v1/chat/completions", account.headers, body)
     sent_up = llm_upstream.last("/chat/completions")["body"]
     assert sent_up == b'{"stream_options":{"include_usage":true},' + body[1:]
-    upstream_sent = llm_upstream.sent_for(name_tag)
+    upstream_sent = llm_upstream.sent[name_tag]
     events = upstream_sent.split(b"\n\n")
     usage_event = next(e for e in events if b'"choices":[]' in e)
     assert received == upstream_sent.replace(usage_event + b"\n\n", b"")
