@@ -4,6 +4,7 @@ process that dies leaves nothing held for good: its leases run out and the sweep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -20,6 +21,20 @@ from tests.servers import ThreadedServer
 from workers.tasks import release_expired_holds, sweep
 
 
+@contextlib.asynccontextmanager
+async def running(engine, **options):
+    """A hold pool and its usage recorder, as one web process has them; both stop at the end
+    (the pool hands back what it holds, the recorder writes what is queued)."""
+    recorder = UsageRecorder(engine)
+    recorder.start()
+    pool = HoldPool(engine, recorder, **options)
+    try:
+        yield pool, recorder
+    finally:
+        await pool.stop()
+        await recorder.stop()
+
+
 def end_call(pool: HoldPool, recorder: UsageRecorder, account_id: int, amount: int) -> None:
     """What the proxy does when a call ends: the pool lets go, the recorder releases it (with no cost here)."""
     recorder.record(Release(account_id, pool.finish(account_id, amount)))
@@ -29,19 +44,15 @@ def test_a_small_balance_is_shared_out_exactly(make_account, engine):
     account = make_account(balance="0.000010")  # 10,000 nano-dollars
 
     async def scenario():
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder)
-        # Blocks of 16 calls can't be had; each call then gets exactly what it needs.
-        taken = [await pool.take(account.id, 3_000) for _ in range(4)]
-        assert taken == [True, True, True, False]
-        assert money_state(engine, account.id)[1] == 9_000
-        assert await pool.take(account.id, 1_000) is True  # what is left still fits
-        assert await pool.take(account.id, 1) is False
-        for amount in (3_000, 3_000, 3_000, 1_000):
-            end_call(pool, recorder, account.id, amount)
-        await pool.stop()
-        await recorder.stop()
+        async with running(engine) as (pool, recorder):
+            # Blocks of 16 calls can't be had; each call then gets exactly what it needs.
+            taken = [await pool.take(account.id, 3_000) for _ in range(4)]
+            assert taken == [True, True, True, False]
+            assert money_state(engine, account.id)[1] == 9_000
+            assert await pool.take(account.id, 1_000) is True  # what is left still fits
+            assert await pool.take(account.id, 1) is False
+            for amount in (3_000, 3_000, 3_000, 1_000):
+                end_call(pool, recorder, account.id, amount)
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (10_000, 0, 10_000)
@@ -51,22 +62,18 @@ def test_a_big_balance_is_held_in_blocks_and_given_back(make_account, engine):
     account = make_account(balance="10")
 
     async def scenario():
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder)
-        assert await pool.take(account.id, 1_000)
-        assert money_state(engine, account.id)[1] == 16_000  # a block for 16 such calls
-        for _ in range(15):
+        async with running(engine) as (pool, recorder):
             assert await pool.take(account.id, 1_000)
-        assert money_state(engine, account.id)[1] == 16_000  # no database round trip for those
-        for _ in range(16):
+            assert money_state(engine, account.id)[1] == 16_000  # a block for 16 such calls
+            for _ in range(15):
+                assert await pool.take(account.id, 1_000)
+            assert money_state(engine, account.id)[1] == 16_000  # no database round trip for those
+            for _ in range(16):
+                end_call(pool, recorder, account.id, 1_000)
+            await recorder.flush()
+            assert await pool.take(account.id, 1_000)  # a busy pool's next block is twice as big
+            assert money_state(engine, account.id)[1] == 32_000
             end_call(pool, recorder, account.id, 1_000)
-        await recorder.flush()
-        assert await pool.take(account.id, 1_000)  # a busy pool's next block is twice as big
-        assert money_state(engine, account.id)[1] == 32_000
-        end_call(pool, recorder, account.id, 1_000)
-        await pool.stop()  # the unused rest goes back
-        await recorder.stop()
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (10**10, 0, 10**10)
@@ -86,23 +93,46 @@ def test_a_busy_pool_fetches_its_next_block_before_running_dry(make_account, eng
         return False
 
     async def scenario():
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder)
-        assert await pool.take(account.id, 1_000)  # the first block: 16 calls
-        assert all(served_from_memory(pool) for _ in range(12))  # 3 calls' worth left: under a quarter
-        refill = pool._pools[account.id].refill
-        assert refill is not None
-        await refill
-        assert money_state(engine, account.id)[1] == 48_000  # the next, doubled block is there already
-        assert all(served_from_memory(pool) for _ in range(30))
-        for _ in range(43):
-            end_call(pool, recorder, account.id, 1_000)
-        await pool.stop()
-        await recorder.stop()
+        async with running(engine) as (pool, recorder):
+            assert await pool.take(account.id, 1_000)  # the first block: 16 calls
+            assert all(served_from_memory(pool) for _ in range(12))  # 3 calls' worth left: under a quarter
+            refill = pool._pools[account.id].refill
+            assert refill is not None
+            await refill
+            assert money_state(engine, account.id)[1] == 48_000  # the next, doubled block is there already
+            assert all(served_from_memory(pool) for _ in range(30))
+            for _ in range(43):
+                end_call(pool, recorder, account.id, 1_000)
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (10**10, 0, 10**10)
+
+
+def test_a_pool_stops_fetching_ahead_once_the_balance_has_nothing_left(make_account, engine):
+    account = make_account(balance="0.0001")  # 100 calls of 1,000 nano-dollars
+
+    async def scenario():
+        async with running(engine) as (first, first_recorder), running(engine) as (second, second_recorder):
+            assert await first.take(account.id, 1_000)  # a block of 16 calls
+            taken = 0
+            while await second.take(account.id, 1_000):  # the other process takes all the rest
+                taken += 1
+            assert taken == 84
+            holds = []
+            database_hold = first._hold
+            first._hold = lambda *args: holds.append(args) or database_hold(*args)
+            for _ in range(15):  # the first process's block still serves its calls
+                assert await first.take(account.id, 1_000)
+                await asyncio.sleep(0.01)  # time for a refill to run
+            assert len(holds) == 1  # one try to fetch ahead found nothing; it did not try again per call
+            assert not await first.take(account.id, 1_000)
+            for _ in range(16):
+                end_call(first, first_recorder, account.id, 1_000)
+            for _ in range(84):
+                end_call(second, second_recorder, account.id, 1_000)
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (100_000, 0, 100_000)
 
 
 def test_one_process_s_block_leaves_most_of_a_balance_to_the_others(make_account, engine):
@@ -110,25 +140,18 @@ def test_one_process_s_block_leaves_most_of_a_balance_to_the_others(make_account
     account = make_account(balance="0.000020")  # 20 calls of 1,000 nano-dollars
 
     async def scenario():
-        recorders = [UsageRecorder(engine), UsageRecorder(engine)]  # one per process
-        for recorder in recorders:
-            recorder.start()
-        first, second = HoldPool(engine, recorders[0]), HoldPool(engine, recorders[1])
-        assert await first.take(account.id, 1_000)
-        end_call(first, recorders[0], account.id, 1_000)
-        await recorders[0].flush()
-        # A 16-call block would leave 4 calls to the other process; at most a quarter is taken.
-        assert money_state(engine, account.id)[1] == 4_000
-        served = 0
-        while await second.take(account.id, 1_000):
-            served += 1
-        assert served == 16  # all but the first process's idle 4,000
-        for _ in range(served):
-            end_call(second, recorders[1], account.id, 1_000)
-        await first.stop()
-        await second.stop()
-        for recorder in recorders:
-            await recorder.stop()
+        async with running(engine) as (first, first_recorder), running(engine) as (second, second_recorder):
+            assert await first.take(account.id, 1_000)
+            end_call(first, first_recorder, account.id, 1_000)
+            await first_recorder.flush()
+            # A 16-call block would leave 4 calls to the other process; at most a quarter is taken.
+            assert money_state(engine, account.id)[1] == 4_000
+            served = 0
+            while await second.take(account.id, 1_000):
+                served += 1
+            assert served == 16  # all but the first process's idle 4,000
+            for _ in range(served):
+                end_call(second, second_recorder, account.id, 1_000)
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (20_000, 0, 20_000)
@@ -184,13 +207,9 @@ def test_a_killed_process_s_holds_expire_and_the_sweep_gives_them_back_once(make
     assert money_state(engine, account.id) == (10_000, 0, 10_000)
 
     async def next_process():  # the whole balance can be held again
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder)
-        assert await pool.take(account.id, 10_000)
-        end_call(pool, recorder, account.id, 10_000)
-        await pool.stop()
-        await recorder.stop()
+        async with running(engine) as (pool, recorder):
+            assert await pool.take(account.id, 10_000)
+            end_call(pool, recorder, account.id, 10_000)
 
     asyncio.run(next_process())
     assert money_state(engine, account.id) == (10_000, 0, 10_000) and hold_rows(engine, account.id) == []
@@ -200,24 +219,20 @@ def test_a_live_process_renews_its_leases(make_account, engine):
     account = make_account(balance="1")
 
     async def scenario():
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder, lease_seconds=1.0, renew_seconds=0.1, lease_margin=0.5)
-        pool.start()
-        assert await pool.take(account.id, 1_000)  # a long call: its pool stays
-        held = money_state(engine, account.id)[1]
-        for _ in range(5):  # two leases' time, sweeping all along
-            await asyncio.sleep(0.4)
-            await asyncio.to_thread(release_expired_holds, engine)
+        async with running(engine, lease_seconds=1.0, renew_seconds=0.1, lease_margin=0.5) as (pool, recorder):
+            pool.start()
+            assert await pool.take(account.id, 1_000)  # a long call: its pool stays
+            held = money_state(engine, account.id)[1]
+            for _ in range(5):  # two leases' time, sweeping all along
+                await asyncio.sleep(0.4)
+                await asyncio.to_thread(release_expired_holds, engine)
+                assert money_state(engine, account.id)[1] == held
+            [row] = hold_rows(engine, account.id)
+            assert row.owner == pool.owner and row.expires_at > utcnow()
+            assert await pool.take(account.id, 1_000)  # still served from the pool, still under the same owner
             assert money_state(engine, account.id)[1] == held
-        [row] = hold_rows(engine, account.id)
-        assert row.owner == pool.owner and row.expires_at > utcnow()
-        assert await pool.take(account.id, 1_000)  # still served from the pool, still under the same owner
-        assert money_state(engine, account.id)[1] == held
-        for _ in range(2):
-            end_call(pool, recorder, account.id, 1_000)
-        await pool.stop()
-        await recorder.stop()
+            for _ in range(2):
+                end_call(pool, recorder, account.id, 1_000)
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (10**9, 0, 10**9)
@@ -228,26 +243,22 @@ def test_a_stalled_process_that_lost_its_lease_releases_nothing_twice(make_accou
     account = make_account(balance="0.000010")
 
     async def scenario():
-        recorder = UsageRecorder(engine)
-        recorder.start()
-        pool = HoldPool(engine, recorder, lease_seconds=0.5, lease_margin=0.2)  # no renewals: stalled
-        first_owner = pool.owner
-        assert await pool.take(account.id, 6_000)
-        await asyncio.sleep(0.6)
-        await asyncio.to_thread(release_expired_holds, engine)  # the sweep takes it for dead
-        assert money_state(engine, account.id)[1] == 0
-        # The next call finds the lease gone before using the pool: it starts over as a new owner
-        # and holds anew. The first call's hold was released by the sweep, so its end releases nothing.
-        assert await pool.take(account.id, 4_000)
-        assert pool.owner != first_owner
-        assert money_state(engine, account.id)[1] == 4_000
-        assert not await pool.take(account.id, 6_001)  # 10,000 - 4,000 free: the sweep's 6,000 is not promised twice
-        end_call(pool, recorder, account.id, 6_000)
-        await recorder.flush()
-        assert money_state(engine, account.id)[1] == 4_000
-        end_call(pool, recorder, account.id, 4_000)
-        await pool.stop()
-        await recorder.stop()
+        async with running(engine, lease_seconds=0.5, lease_margin=0.2) as (pool, recorder):  # no renewals: stalled
+            first_owner = pool.owner
+            assert await pool.take(account.id, 6_000)
+            await asyncio.sleep(0.6)
+            await asyncio.to_thread(release_expired_holds, engine)  # the sweep takes it for dead
+            assert money_state(engine, account.id)[1] == 0
+            # The next call finds the lease gone before using the pool: it starts over as a new owner
+            # and holds anew. The first call's hold was released by the sweep, so its end releases nothing.
+            assert await pool.take(account.id, 4_000)
+            assert pool.owner != first_owner
+            assert money_state(engine, account.id)[1] == 4_000
+            assert not await pool.take(account.id, 6_001)  # 10,000 - 4,000 free: the sweep's 6,000 is not promised twice
+            end_call(pool, recorder, account.id, 6_000)
+            await recorder.flush()
+            assert money_state(engine, account.id)[1] == 4_000
+            end_call(pool, recorder, account.id, 4_000)
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (10_000, 0, 10_000) and hold_rows(engine, account.id) == []
