@@ -137,6 +137,14 @@ input_per_mtok = "1.60"
 output_per_mtok = "6.40"
 
 [[models]]
+name = "deepseek-r1"  # the README's OpenClaw example lists it
+provider = "llm-openai"
+api = "chat"
+upstream_model = "deepseek-reasoner"
+input_per_mtok = "0.55"
+output_per_mtok = "2.19"
+
+[[models]]
 name = "gpt-5.4"
 provider = "llm-openai"
 api = "responses"
