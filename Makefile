@@ -37,6 +37,7 @@ bench: install
 
 # The LLM passthrough against a loopback fake upstream, direct and through mediagate (wrk and Python load).
 bench-proxy: install
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.proxy --compare-clients --driver all
 
 clean:

@@ -7,6 +7,7 @@
   BENCH_UPSTREAM on each HTTP client, the yardstick for choosing one.
 - `bare_asgi`: the thinnest passthrough there is on this stack: a raw ASGI
   callable on aiohttp, no framework, no key, no metering. The floor.
+- `bare_asgi_pyreqwest`: the same floor on pyreqwest, when it is installed.
 """
 
 from __future__ import annotations
@@ -142,19 +143,16 @@ def upstream_starlette():
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
 
 
-def bare_asgi():
-    import aiohttp
-
-    target = UPSTREAM + "/v1/chat/completions"
-    sessions = []
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+def _bare_asgi(open_client, close_client, forward):
+    """A raw ASGI passthrough: `forward(client, body, send)` makes the upstream call and answers."""
+    clients = []
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
             while (message := await receive())["type"] != "lifespan.shutdown":
-                sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+                clients.append(open_client())
                 await send({"type": "lifespan.startup.complete"})
-            await sessions[0].close()
+            await close_client(clients[0])
             await send({"type": "lifespan.shutdown.complete"})
             return
         body, more = b"", True
@@ -162,11 +160,42 @@ def bare_asgi():
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        async with sessions[0].post(target, data=body, headers=headers) as response:
+        await forward(clients[0], body, send)
+
+    return app
+
+
+_TARGET = UPSTREAM + "/v1/chat/completions"
+_HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+
+
+def bare_asgi():
+    import aiohttp
+
+    async def forward(session, body, send):
+        async with session.post(_TARGET, data=body, headers=_HEADERS) as response:
             await send({"type": "http.response.start", "status": response.status,
                         "headers": [(b"content-type", response.headers["content-type"].encode())]})
             async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
-    return app
+    return _bare_asgi(lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)),
+                      lambda session: session.close(), forward)
+
+
+def bare_asgi_pyreqwest():
+    """The floor again on pyreqwest (Rust's reqwest and tokio on a thread of their own), the
+    fastest other client measured; `pip install pyreqwest` (the `bench` extra) to include it."""
+    from pyreqwest.client import ClientBuilder
+
+    async def forward(client, body, send):
+        async with client.post(_TARGET).headers(_HEADERS).body_bytes(body).build_streamed() as response:
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", response.get_header("content-type").encode())]})
+            reader = response.body_reader
+            while (chunk := await reader.read()) is not None:
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return _bare_asgi(lambda: ClientBuilder().build(), lambda client: client.close(), forward)

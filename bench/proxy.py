@@ -12,7 +12,8 @@ streaming chat completion, and prints requests per second, p50 / p99 latency
 and the ratio through mediagate / direct. `--compare-clients` adds a bare
 Starlette passthrough on httpx.AsyncClient and one on aiohttp.ClientSession
 (the measurement the proxy's HTTP client was chosen by), and a raw ASGI
-passthrough on aiohttp (the floor for any gateway on this stack).
+passthrough on aiohttp (the floor for any gateway on this stack), and on
+pyreqwest when it is installed (the `bench` extra).
 
 The load comes from wrk (C, cheap on CPU) or from a Python aiohttp client
 (which takes a core's worth of CPU from the servers, as the Python load
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import shutil
@@ -210,10 +212,15 @@ def main() -> None:
              serve("app.main:create_app", gw_port, env, factory=True)]
     targets = {"direct": (up_port, "", procs[0]), "mediagate": (gw_port, "/llm-api", procs[1])}
     if args.compare_clients:
-        for name in ("httpx", "aiohttp", "asgi"):
+        names = ["httpx", "aiohttp", "asgi"]
+        if importlib.util.find_spec("pyreqwest") is not None:
+            names.append("asgi_pyreqwest")
+        else:
+            print("bench: pyreqwest is not installed; bare-asgi-pyreqwest left out (pip install -e '.[bench]')")
+        for name in names:
             port = free_port()
             procs.append(serve(f"bench.llm_apps:bare_{name}", port, env, factory=True))
-            targets[f"bare-{name}"] = (port, "", procs[-1])
+            targets["bare-" + name.replace("_", "-")] = (port, "", procs[-1])
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     if args.driver in ("wrk", "all"):
         require_tool("wrk", "wrk")  # Debian's package, installed when missing
@@ -261,13 +268,13 @@ def report(runs: dict, args, driver: str) -> None:
     print(f"\nLLM passthrough benchmark: {os.cpu_count()} CPUs, concurrency {args.concurrency}, "
           f"{args.seconds:g} s per scenario, median of {args.rounds} rounds, {args.chunks} chunks per stream, "
           f"{args.upstream} upstream, database {'PostgreSQL' if args.database_url else 'SQLite'}, load from {driver}\n")
-    print(f"{'scenario':<15} {'target':<13} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} "
+    print(f"{'scenario':<15} {'target':<20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} "
           f"{'server CPU us/req':>18}")
     for mode, name in runs:
         rps = median(name, "rps", mode)
         ratio = rps / median("direct", "rps", mode)
         errors = sum(r["errors"] for r in runs[(mode, name)])
-        print(f"{mode:<15} {name:<13} {rps:>8.0f} {median(name, 'p50', mode):>8.1f} "
+        print(f"{mode:<15} {name:<20} {rps:>8.0f} {median(name, 'p50', mode):>8.1f} "
               f"{median(name, 'p99', mode):>8.1f} {errors:>7} {ratio:>6.2f} {median(name, 'cpu_us', mode):>18.0f}")
     print("\ntargets: mediagate >= 0.35 of direct non-streaming, >= 0.50 streaming")
 
