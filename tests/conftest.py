@@ -218,6 +218,14 @@ def settings():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _reserved_sockets():
+    """The reserved ports' sockets close at the end even when no fake server took them."""
+    yield
+    UPSTREAM_SOCKET.close()
+    LLM_SOCKET.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def database(settings):
     """A fresh, migrated database for this run."""
     from app.migrations import upgrade

@@ -14,6 +14,9 @@ body, so tests running side by side don't step on each other:
     [slow:MS]             wait MS milliseconds before each delta
     [wait:MS]             wait MS milliseconds before answering at all
     [tag:NAME]            keep the exact bytes sent under NAME (see `sent`, `closed`)
+
+A request without a field its provider requires (chat: model and messages; Responses: model;
+Messages: model, messages and max_tokens; Gemini: contents) gets the provider's 400.
 """
 
 from __future__ import annotations
@@ -220,15 +223,29 @@ def gemini_events(p: Plan, model: str, sse: bool) -> list[bytes]:
 
 # ---- errors ------------------------------------------------------------------------------------
 
+def missing_field(path: str, request: dict) -> str | None:
+    """The first required field the request lacks, as the providers refuse it with a 400."""
+    if path.startswith("/gemini"):
+        required = ["contents"]
+    elif path.endswith("/chat/completions"):
+        required = ["model", "messages"]
+    elif path.endswith("/responses"):
+        required = ["model"]
+    else:
+        required = ["model", "messages", "max_tokens"]
+    return next((name for name in required if request.get(name) is None), None)
+
+
 def error_body(fmt: str, status: int, message: str) -> bytes:
     if fmt == "anthropic":
-        kind = {401: "authentication_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+        kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
+                529: "overloaded_error"}.get(status, "api_error")
         return _json({"type": "error", "error": {"type": kind, "message": message}})
     if fmt == "gemini":
         names = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL"}
         return _json({"error": {"code": status, "message": message, "status": names.get(status, "UNAVAILABLE")}})
-    return _json({"error": {"message": message, "type": "rate_limit_error" if status == 429 else "api_error",
-                            "param": None, "code": None}})
+    kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "api_error")
+    return _json({"error": {"message": message, "type": kind, "param": None, "code": None}})
 
 
 HEADERS = {
@@ -290,6 +307,9 @@ class FakeLLMUpstream:
         if p.status:
             return await self._whole(send, fmt, p.status, error_body(fmt, p.status, "fake upstream error"), p)
         request = json.loads(body)
+        missing = missing_field(path, request)
+        if missing:
+            return await self._whole(send, fmt, 400, error_body(fmt, 400, f"{missing}: Field required"), p)
         if fmt == "gemini":
             model, _, method = path.rpartition("/")[2].partition(":")
             if method == "generateContent":

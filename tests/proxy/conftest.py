@@ -12,6 +12,29 @@ from tests.conftest import LLM_SOCKET
 from tests.servers import ThreadedServer
 
 
+@pytest.fixture(autouse=True)
+def _close_sdk_clients(monkeypatch):
+    """Every SDK client a test makes (the README's examples included) is closed when the test ends.
+
+    An unclosed client keeps its connection to the gateway until the garbage collector
+    finds it, and the ResourceWarning then fails whichever test happens to be running.
+    """
+    import anthropic
+    import openai
+    from google import genai
+
+    made = []
+    for cls in (openai.OpenAI, anthropic.Anthropic, genai.Client):
+        def tracking(self, *args, _init=cls.__init__, **kwargs):
+            _init(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", tracking)
+    yield
+    for client in made:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def llm_upstream():
     from tests.fakes.llm import FakeLLMUpstream

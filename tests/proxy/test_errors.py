@@ -74,6 +74,30 @@ def test_sdks_raise_their_not_found_errors(base, account):
     assert raised.value.code == 404
 
 
+def test_a_request_the_provider_refuses_raises_the_sdks_bad_request_and_costs_nothing(base, make_account, engine):
+    # The gateway checks only what it needs (model, max_tokens); the provider checks the rest,
+    # and its 400 reaches the SDK as it was sent.
+    account = make_account()
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai.OpenAI(api_key=account.key, base_url=base + "/v1").chat.completions.create(
+            model="gpt-4o", messages=None)  # sent as null
+    assert raised.value.body["message"] == "messages: Field required"
+    response = httpx.post(base + "/anthropic/v1/messages", headers=account.headers,
+                          json={"model": "claude-sonnet-4-6", "max_tokens": 5})
+    assert_anthropic_error(response, 400, "invalid_request_error")
+    assert response.json()["error"]["message"] == "messages: Field required"
+    # (Google's SDK refuses empty contents itself, before sending.)
+    response = httpx.post(base + "/v1beta/models/gemini-2.5-flash:generateContent", headers=account.headers,
+                          json={"generationConfig": {"maxOutputTokens": 5}})
+    assert_gemini_error(response, 400, "INVALID_ARGUMENT")
+    assert response.json()["error"]["message"] == "contents: Field required"
+    records = usage_rows(engine, account.id, 3)
+    assert [r.upstream_status for r in records] == [400, 400, 400]
+    assert all(r.cost == 0 and not r.usage_reported for r in records)
+    balance, _, ledger_sum = money_state(engine, account.id)  # (the pool's idle hold goes back later)
+    assert balance == ledger_sum == 10 * 10**9
+
+
 def test_balance_too_low_402_per_family_and_nothing_held(base, make_account, engine):
     poor = make_account(balance="0.00001")
     h = poor.headers
