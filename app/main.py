@@ -70,11 +70,20 @@ class Gateway(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def _tune_gc() -> None:
-    """What startup made lives as long as the process: move it out of the collector's way."""
+@contextlib.contextmanager
+def _tuned_gc():
+    """While the app serves: what startup made (it lives as long as the process) is moved out of
+    the collector's way, and the youngest generation is collected less often. Both are undone
+    at shutdown, so a process that runs several apps in turn (the tests) doesn't keep
+    everything from before each start frozen for good."""
+    before = gc.get_threshold()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD, older, oldest)
+    gc.set_threshold(GC_THRESHOLD, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def create_app(settings: Settings | None = None) -> Gateway:
@@ -97,19 +106,19 @@ def create_app(settings: Settings | None = None) -> Gateway:
         state.llm = LLMGateway(settings.database_url, offered)  # upstream pools, holds, usage recorder
         await state.llm.start()
         flusher = asyncio.create_task(_flush_key_use(app))
-        _tune_gc()
-        try:
-            yield
-        finally:
-            flusher.cancel()
-            await state.llm.stop()  # writes the usage still queued
-            with contextlib.suppress(Exception):
-                await run(state.engine, auth.mark_used, state.auth.take_used())
-            state.relay.stop()
-            if state.pg_pool is not None:
-                await state.pg_pool.close()
-            await state.engine.dispose()
-            state.sync_engine.dispose()
+        with _tuned_gc():
+            try:
+                yield
+            finally:
+                flusher.cancel()
+                await state.llm.stop()  # writes the usage still queued
+                with contextlib.suppress(Exception):
+                    await run(state.engine, auth.mark_used, state.auth.take_used())
+                state.relay.stop()
+                if state.pg_pool is not None:
+                    await state.pg_pool.close()
+                await state.engine.dispose()
+                state.sync_engine.dispose()
 
     routes = api_routes()
     static = StaticFiles(directory=str(settings.files_dir), check_dir=False)

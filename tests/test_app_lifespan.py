@@ -1,0 +1,18 @@
+"""What a web process's lifespan changes in the process it undoes when the lifespan ends."""
+
+from __future__ import annotations
+
+import gc
+
+from starlette.testclient import TestClient
+
+
+def test_gc_tuning_lasts_as_long_as_the_app(database):
+    from app.main import GC_THRESHOLD, create_app
+
+    before = gc.get_threshold()
+    with TestClient(create_app()):
+        assert gc.get_threshold()[0] == GC_THRESHOLD
+        assert gc.get_freeze_count() > 0  # startup's objects are out of the collector's way
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
