@@ -37,11 +37,16 @@ class InsufficientBalance(Exception):
 
 def _insert_once(conn: Connection, **values) -> bool:
     """Insert a ledger row unless one with the same (kind, reference) exists."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(LedgerEntry).values(created_at=utcnow(), **values)
-    stmt = stmt.on_conflict_do_nothing(index_elements=["kind", "reference"]).returning(LedgerEntry.id)
     # RETURNING, not rowcount: psycopg 3 with SQLAlchemy 2.1 reports rowcount -1 for this statement.
-    return conn.execute(stmt).first() is not None
+    return conn.execute(_insert_once_statement(conn.dialect.name), {"created_at": utcnow(), **values}).first() is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_once_statement(dialect_name: str):
+    """Made once: the values come as parameters (this runs for every usage batch)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return (dialect.insert(LedgerEntry).on_conflict_do_nothing(index_elements=["kind", "reference"])
+            .returning(LedgerEntry.id))
 
 
 def top_up(conn: Connection, account_id: int, amount: int, note: str = "") -> None:

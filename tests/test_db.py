@@ -32,10 +32,29 @@ def test_insert_rows_writes_what_a_core_insert_writes(engine):
     tag = uuid.uuid4().hex[:8]
     with engine.begin() as conn:
         account_id = accounts.create(conn, f"db-{tag}@example.com", money.from_usd("1"))
-        insert_rows(conn, UsageRecord.__table__, _rows(account_id, f"fast-{tag}-"), chunk=2)  # three statements
+        insert_rows(conn, UsageRecord.__table__, _rows(account_id, f"fast-{tag}-"))
         conn.execute(insert(UsageRecord.__table__), _rows(account_id, f"core-{tag}-"))
         insert_rows(conn, UsageRecord.__table__, [])  # nothing to write: no statement
     with engine.connect() as conn:
         fast, core = _read(conn, f"fast-{tag}-"), _read(conn, f"core-{tag}-")
     assert len(fast) == 5 and fast == core
     assert fast[2][-1] == datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+
+
+def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
+    """UTCDateTime binds SQLite text in one step; it must be the text SQLAlchemy's DATETIME makes
+    of the UTC time, or rows written before and after would compare and sort wrongly."""
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.dialects.sqlite import DATETIME
+
+    from app.models import UTCDateTime
+
+    dialect = sqlite.dialect()
+    ours, theirs = UTCDateTime().bind_processor(dialect), DATETIME().bind_processor(dialect)
+    for value in (datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc),
+                  datetime(2026, 3, 1, 12, 30, 15, tzinfo=timezone(timedelta(hours=5, minutes=30))),  # no microseconds
+                  datetime(2026, 12, 31, 23, 59, 59, 999999),  # naive: UTC
+                  datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)):
+        assert ours(value) == theirs(UTCDateTime().process_bind_param(value, dialect))
+    assert ours(datetime(2026, 3, 1, 7, 30, tzinfo=timezone(timedelta(hours=-5)))) == "2026-03-01 12:30:00.000000"
+    assert ours(None) is None

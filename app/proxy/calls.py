@@ -8,7 +8,6 @@ the client's own bytes, changed only where they must be (the model name, and
 from __future__ import annotations
 
 import json
-import random
 import re
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from app import money
 from app.auth import Principal, key_from_headers
 from app.catalog import Model
 from app.errors import APIError, insufficient_balance, invalid
-from app.models import utcnow
+from app.models import time_ordered_id, utcnow
 from app.proxy import upstream
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate, loads
 
@@ -28,8 +27,6 @@ MAX_BODY = 32 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 32_768
 GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
-# Record ids need to be unique, not secret: a seeded PRNG spares a system call per request.
-_ids = random.Random()
 
 
 @dataclass
@@ -99,7 +96,7 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
     # Input is estimated at one token per byte of body: a token is at least a byte of text.
     held = estimate(model, len(body), output)
     call = Call(
-        id=f"req_{_ids.getrandbits(96):024x}", api=api, model=model, principal=principal, stream=stream,
+        id=time_ordered_id("req_"), api=api, model=model, principal=principal, stream=stream,
         url=upstream.url(model.provider, api, model.upstream_model, version=version, method=gemini_method,
                          query=query),
         headers=upstream.request_headers(client, model.provider), body=body, held=held,

@@ -1,32 +1,41 @@
 """Usage records and settlements, written in batches off the response path.
 
 The proxy hands each finished call to `UsageRecorder.record` (no await, no
-database). One background task writes what has queued up, at most every
-`interval` seconds, in one transaction: per account (and hold owner), one `ledger.settle` that
-releases the holds of the batch's calls and charges their metered costs as
-one `usage` ledger row (its reference the first call's id), and a usage row
-per call carrying that call's share of the charge. At low traffic a batch is
-one call, so the ledger row is that call's. The lifespan's `stop` writes what
-is left.
+database). One background task collects what has queued up, at most every
+`interval` seconds, and hands it as one batch to a writer, which applies it in
+one transaction (`write`): per account (and hold owner), one `ledger.settle` that
+releases the holds of the batch's calls and charges their metered costs as one
+`usage` ledger row (its reference the first call's id), and a usage row per call
+carrying that call's share of the charge. At low traffic a batch is one call, so
+the ledger row is that call's. The lifespan's `stop` writes what is left.
+
+The writer is `app.proxy.writer.ProcessWriter`, a child process of the web
+process: in a thread of the web process, the database work held the
+interpreter's lock in slices that made requests wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Protocol
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, delete
+from sqlalchemy.dialects import postgresql, sqlite
 
 from app import ledger
 from app.db import insert_rows
-from app.models import UsageRecord
+from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 
 log = logging.getLogger(__name__)
 BATCH = 2000
 RETRIES = 5
 INTERVAL = 0.05  # seconds between writes: bounds the recorder's share of the process under load
+# A batch's id is kept this long: far longer than a writer takes to send a batch again.
+KEEP_BATCH_IDS = timedelta(hours=1)
 
 
 @dataclass
@@ -63,8 +72,14 @@ class Release:
     owner: str = ""
 
 
-def write(conn: Connection, items: list) -> None:
-    """Settle and record `items` (Entry and Release) in the caller's transaction."""
+def write(conn: Connection, items: list, batch_id: str | None = None) -> bool:
+    """Settle and record `items` (Entry and Release) in the caller's transaction.
+
+    With a `batch_id`, a batch already written under that id is not applied again:
+    returns False then, True when written.
+    """
+    if batch_id is not None and not _claim(conn, batch_id):
+        return False
     by_account: dict[tuple[int, str], list] = {}
     for item in items:
         by_account.setdefault((item.account_id, item.owner), []).append(item)
@@ -87,11 +102,47 @@ def write(conn: Connection, items: list) -> None:
             charged -= row["cost"]
             rows.append(row)
     insert_rows(conn, UsageRecord.__table__, rows)
+    return True
+
+
+def _claim(conn: Connection, batch_id: str) -> bool:
+    """Mark the batch written, in the transaction that writes it; False if it already was."""
+    return conn.execute(_claim_statement(conn.dialect.name), {"id": batch_id, "created_at": utcnow()}).first() is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _claim_statement(dialect_name: str):
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return dialect.insert(UsageBatch).on_conflict_do_nothing(index_elements=["id"]).returning(UsageBatch.id)
+
+
+def forget_batches(conn: Connection) -> int:
+    """Delete the ids of batches written more than KEEP_BATCH_IDS ago; returns how many."""
+    return conn.execute(delete(UsageBatch).where(UsageBatch.created_at < utcnow() - KEEP_BATCH_IDS)).rowcount
+
+
+class WriteFailed(Exception):
+    """The batch was not written: its transaction rolled back, so its items may be written apart."""
+
+
+class Writer(Protocol):
+    """Applies a batch with `write` somewhere off the event loop, and says how it went.
+
+    `write` returns once the batch is committed (or was already, under that id); raises
+    WriteFailed if it surely was not, and any other exception when that can't be known
+    (then the same batch may only be sent again under the same id).
+    """
+
+    async def start(self) -> None: ...
+
+    async def write(self, batch_id: str, items: list) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class UsageRecorder:
-    def __init__(self, engine: Engine, owner: str = ""):
-        self._engine = engine
+    def __init__(self, writer: Writer, owner: str = ""):
+        self._writer = writer
         # Whose hold rows the items recorded from now on release (set by the hold pool).
         self.owner = owner
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
@@ -115,8 +166,13 @@ class UsageRecorder:
         self._queue.put_nowait(None)
         await self._task
         self._task = None
+        await self._writer.close()
 
     async def _run(self) -> None:
+        try:
+            await self._writer.start()
+        except Exception:  # the first batch tries again
+            log.warning("could not start the usage writer", exc_info=True)
         stopping = False
         while not stopping:
             first = await self._queue.get()
@@ -139,22 +195,27 @@ class UsageRecorder:
             if not stopping:
                 await asyncio.sleep(INTERVAL)
 
-    def _write_sync(self, items: list) -> None:
-        with self._engine.begin() as conn:
-            write(conn, items)
-
     async def _write(self, batch: list) -> None:
+        batch_id = time_ordered_id("ub_")
         try:
-            await asyncio.to_thread(self._write_sync, batch)
+            await self._writer.write(batch_id, batch)
             return
-        except Exception:
+        except WriteFailed:
             log.warning("writing %d usage records failed; retrying one by one", len(batch), exc_info=True)
-        for entry in batch:
+        except Exception:
+            # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
+            log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
+                      exc_info=True)
+            return
+        for index, item in enumerate(batch):
             for attempt in range(RETRIES):
                 try:
-                    await asyncio.to_thread(self._write_sync, [entry])
+                    await self._writer.write(f"{batch_id}.{index}", [item])
                     break
-                except Exception:
+                except WriteFailed:
                     await asyncio.sleep(0.1 * 2**attempt)
+                except Exception:
+                    log.error("could not write %r; its hold stays", item, exc_info=True)
+                    break
             else:
-                log.error("could not write %r; its hold stays", entry, exc_info=True)
+                log.error("could not write %r; its hold stays", item)

@@ -76,6 +76,11 @@ def usage_rows(engine, account_id: int, count: int = 1, timeout: float = 10.0) -
         time.sleep(0.02)
 
 
+def url_of(engine) -> str:
+    """The engine's database URL, password included (for a usage writer of the tests' own)."""
+    return engine.url.render_as_string(hide_password=False)
+
+
 def money_state(engine, account_id: int) -> tuple[int, int, int]:
     """(balance, held, sum of ledger rows) of an account."""
     with engine.connect() as conn:

@@ -16,7 +16,8 @@ from app import ledger
 from app.models import LedgerEntry, LLMHold, utcnow
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import Release, UsageRecorder
-from tests.proxy.conftest import money_state, usage_rows
+from app.proxy.writer import ProcessWriter
+from tests.proxy.conftest import money_state, url_of, usage_rows
 from tests.servers import ThreadedServer
 from workers.tasks import release_expired_holds, sweep
 
@@ -25,7 +26,7 @@ from workers.tasks import release_expired_holds, sweep
 async def running(engine, **options):
     """A hold pool and its usage recorder, as one web process has them; both stop at the end
     (the pool hands back what it holds, the recorder writes what is queued)."""
-    recorder = UsageRecorder(engine)
+    recorder = UsageRecorder(ProcessWriter(url_of(engine)))
     recorder.start()
     pool = HoldPool(engine, recorder, **options)
     try:
@@ -188,7 +189,7 @@ def test_a_killed_process_s_holds_expire_and_the_sweep_gives_them_back_once(make
 
     async def killed_process():
         # Holds taken, then nothing more: no renewal, no settlement, no shutdown (SIGKILL).
-        pool = HoldPool(engine, UsageRecorder(engine), lease_seconds=1.0)
+        pool = HoldPool(engine, UsageRecorder(ProcessWriter(url_of(engine))), lease_seconds=1.0)
         assert [await pool.take(account.id, 3_000) for _ in range(3)] == [True] * 3
         return pool.owner
 

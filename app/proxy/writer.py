@@ -1,0 +1,207 @@
+"""The usage writer: a child process of a web process that writes its usage batches.
+
+The recorder's batch transaction is database work for every call: tens of
+microseconds per call on the interpreter, and on SQLite the driver's C code
+besides. In a thread of the web process it took the interpreter's lock in slices,
+and requests arriving meanwhile waited for it: at one connection, p99 4-8 ms
+instead of under 2 ms (the README's Speed section). In a process of its own it
+takes nothing from the event loop but the pickling of a batch.
+
+The child runs under Linux's SCHED_IDLE policy: any other process that wakes up
+on its CPU takes the CPU at once. At normal priority, the scheduler let a batch's
+few milliseconds of CPU run to the end of their slice first, and a request
+whose next step (the upstream's answer, the client's next request) woke on that
+CPU waited for it: at one connection, p99 about 4 ms with the writer in its own
+process, under 2 ms with it idle-scheduled (measured with bench/proxy.py). An
+idle-scheduled process gets the CPU only when nothing else wants it, so on a
+machine kept busy to the last cycle the writer could fall behind: if a batch
+takes longer than STARVED_AFTER to be answered, the next child runs at normal
+priority.
+
+The child lives as long as its parent's pipe: it is started with the recorder,
+reads batches from stdin and answers each on stdout once it is committed, or
+with the error that rolled it back. It ignores SIGINT and SIGTERM (a terminal's
+Ctrl-C, a process manager stopping the whole group), so the web process can still
+hand it the last batches as it shuts down, and exits when that pipe closes: also
+when the web process is killed outright.
+
+A child that dies is started again and the batch it had is sent again under the
+same id: `recorder.write` applies a batch id once, so a batch committed just
+before the child died is not applied twice.
+
+Frames are a 4-byte big-endian length and a pickle, between a process and the
+child it started (pickle is not for anything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+
+from app.proxy.recorder import WriteFailed
+
+log = logging.getLogger(__name__)
+
+DATABASE_URL_ENV = "MEDIAGATE_USAGE_WRITER_DATABASE_URL"
+IDLE_ENV = "MEDIAGATE_USAGE_WRITER_IDLE"
+# A batch answered this long after it was sent means the idle-scheduled child is starved of CPU.
+STARVED_AFTER = 2.0
+# A batch whose child died is sent again after these pauses (seconds), to new children.
+RESEND_PAUSES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+STOP_SECONDS = 5.0  # a child that has not exited this long after its pipe closed is killed
+FORGET_EVERY = 600.0  # seconds between deletions of old batch ids
+_HEADER = struct.Struct(">I")
+
+
+class WriterLost(Exception):
+    """Batch after batch, the child died before answering: whether the batch was written is unknown."""
+
+
+class ProcessWriter:
+    """The parent's side: sends batches to the child and waits for each answer."""
+
+    def __init__(self, database_url: str, *, command: list[str] | None = None, idle: bool = True,
+                 starved_after: float = STARVED_AFTER):
+        self._database_url = database_url
+        self._command = command or [sys.executable, "-m", "app.proxy.writer"]
+        self.idle = idle and hasattr(os, "sched_setscheduler")  # the next child's scheduling (Linux)
+        self._starved_after = starved_after
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the child now, so that it is ready for the first batch (it takes a moment to import)."""
+        async with self._lock:
+            await self._child()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.returncode is None else None
+
+    async def write(self, batch_id: str, items: list) -> None:
+        frame = pickle.dumps((batch_id, items), protocol=pickle.HIGHEST_PROTOCOL)
+        async with self._lock:
+            for pause in RESEND_PAUSES:
+                await asyncio.sleep(pause)
+                try:
+                    process = await self._child()
+                    sent = time.monotonic()
+                    process.stdin.write(_HEADER.pack(len(frame)) + frame)
+                    await process.stdin.drain()
+                    answered_id, error = pickle.loads(await _read_frame(process.stdout))
+                except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
+                    await self._lost(exc)
+                    continue
+                if answered_id != batch_id:  # cannot happen with one batch at a time; don't guess
+                    await self._lost(RuntimeError(f"answer for {answered_id!r}, not {batch_id!r}"))
+                    raise WriterLost(batch_id)
+                if self.idle and time.monotonic() - sent > self._starved_after:
+                    log.warning("the idle-scheduled usage writer took %.1f s for a batch; its successor runs at "
+                                "normal priority", time.monotonic() - sent)
+                    self.idle = False
+                    # It has answered every batch it was sent: nothing is lost with it.
+                    self._process = None
+                    process.kill()
+                    await process.wait()
+                if error is not None:
+                    raise WriteFailed(error)
+                return
+            raise WriterLost(batch_id)
+
+    async def _child(self) -> asyncio.subprocess.Process:
+        if self._process is None:
+            self._process = await asyncio.create_subprocess_exec(
+                *self._command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, DATABASE_URL_ENV: self._database_url, IDLE_ENV: "1" if self.idle else ""})
+        return self._process
+
+    async def _lost(self, exc: BaseException) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.returncode is None:
+            process.kill()
+        code = await process.wait()
+        log.warning("the usage writer (pid %s) died (exit code %s, %r); starting another", process.pid, code, exc)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop_child()
+
+    async def _stop_child(self) -> None:
+        """Let the child exit: it has answered every batch it was sent, so it has nothing left."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=STOP_SECONDS)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def _read_frame(stream: asyncio.StreamReader) -> bytes:
+    (size,) = _HEADER.unpack(await stream.readexactly(_HEADER.size))
+    return await stream.readexactly(size)
+
+
+def _read_exactly(stream, size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def _answer(answers, batch_id: str, error: str | None) -> None:
+    answer = pickle.dumps((batch_id, error), protocol=pickle.HIGHEST_PROTOCOL)
+    answers.write(_HEADER.pack(len(answer)) + answer)
+    answers.flush()
+
+
+def main() -> None:
+    """The child: apply each batch read from stdin in one transaction, answer on stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get(IDLE_ENV):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # Answers go to the original stdout; anything else printed goes to stderr, not into the pipe.
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s [usage writer] %(message)s")
+
+    from app.db import make_engine
+    from app.proxy.recorder import forget_batches, write
+
+    engine = make_engine(os.environ[DATABASE_URL_ENV], pool_size=1)
+    batches = sys.stdin.buffer
+    forgot_at = 0.0
+    while (header := _read_exactly(batches, _HEADER.size)) is not None:
+        body = _read_exactly(batches, _HEADER.unpack(header)[0])
+        if body is None:
+            break
+        batch_id, items = pickle.loads(body)
+        error = None
+        try:
+            with engine.begin() as conn:
+                write(conn, items, batch_id)
+        except Exception as exc:
+            log.warning("usage batch %s rolled back", batch_id, exc_info=True)
+            error = repr(exc)
+        _answer(answers, batch_id, error)
+        if time.monotonic() - forgot_at >= FORGET_EVERY:
+            forgot_at = time.monotonic()
+            try:
+                with engine.begin() as conn:
+                    forget_batches(conn)
+            except Exception:
+                log.warning("deleting old usage batch ids failed", exc_info=True)
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

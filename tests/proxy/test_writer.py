@@ -1,0 +1,196 @@
+"""The usage writer: a child process that settles and records each batch once, whatever happens to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from app import money
+from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
+from app.proxy.recorder import Entry, Release, UsageRecorder, WriteFailed, forget_batches, write
+from app.proxy.writer import ProcessWriter
+from tests.proxy.conftest import money_state, url_of
+
+OWNER = "test-writer"
+HELD = 5_000  # what each call held
+
+
+def entry(account_id: int, cost: int = 1_000) -> Entry:
+    return Entry(id=time_ordered_id("req_"), account_id=account_id, api_key_id=None, model="test-chat",
+                 api_format="chat", stream=False, input_tokens=10, output_tokens=20, cached_tokens=0,
+                 reasoning_tokens=0, usage_reported=True, cost=cost, upstream_status=200, latency_ms=3, ttfb_ms=1,
+                 client_disconnected=False, created_at=utcnow(), held=HELD, owner=OWNER)
+
+
+def hold(engine, account_id: int, amount: int) -> None:
+    from app import ledger
+
+    with engine.begin() as conn:
+        assert ledger.hold(conn, account_id, amount, owner=OWNER, expires_at=utcnow() + timedelta(minutes=5))
+
+
+def records(engine, account_id: int) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(UsageRecord)
+                            .where(UsageRecord.account_id == account_id)).scalar()
+
+
+def test_a_batch_written_twice_under_its_id_is_applied_once(make_account, engine):
+    account = make_account(balance="1")
+    hold(engine, account.id, 2 * HELD)
+    batch = [entry(account.id), entry(account.id)]
+    batch_id = time_ordered_id("ub_")
+    with engine.begin() as conn:
+        assert write(conn, batch, batch_id) is True
+    after_once = money_state(engine, account.id)
+    assert after_once == (money.from_usd("1") - 2_000, 0, money.from_usd("1") - 2_000)
+    with engine.begin() as conn:
+        assert write(conn, batch, batch_id) is False  # nothing released, charged or recorded again
+    assert money_state(engine, account.id) == after_once and records(engine, account.id) == 2
+
+
+def test_old_batch_ids_are_forgotten(engine):
+    old, new = time_ordered_id("ub_"), time_ordered_id("ub_")
+    with engine.begin() as conn:
+        conn.execute(UsageBatch.__table__.insert(), [{"id": old, "created_at": utcnow() - timedelta(hours=2)},
+                                                     {"id": new, "created_at": utcnow()}])
+        assert forget_batches(conn) >= 1
+        left = set(conn.execute(select(UsageBatch.id).where(UsageBatch.id.in_([old, new]))).scalars())
+    assert left == {new}
+
+
+def test_the_writer_is_an_idle_scheduled_child_that_writes_each_batch(make_account, engine):
+    account = make_account(balance="1")
+    hold(engine, account.id, 3 * HELD)
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine))
+        try:
+            await writer.write(time_ordered_id("ub_"), [entry(account.id), entry(account.id, cost=2_500)])
+            child = writer.pid
+            assert child is not None and child != os.getpid()
+            if sys.platform == "linux":
+                assert os.sched_getscheduler(child) == os.SCHED_IDLE
+            await writer.write(time_ordered_id("ub_"), [entry(account.id, cost=0)])
+            assert writer.pid == child  # one child for every batch
+        finally:
+            await writer.close()
+        assert writer.pid is None
+        return child
+
+    child = asyncio.run(scenario())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # it exited with the pipe closed
+    balance = money.from_usd("1") - 3_500
+    assert money_state(engine, account.id) == (balance, 0, balance) and records(engine, account.id) == 3
+
+
+def test_a_killed_child_is_replaced(make_account, engine, caplog):
+    account = make_account(balance="1")
+    hold(engine, account.id, 2 * HELD)
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine))
+        try:
+            await writer.write(time_ordered_id("ub_"), [entry(account.id)])
+            first = writer.pid
+            os.kill(first, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            await writer.write(time_ordered_id("ub_"), [entry(account.id)])
+            assert writer.pid not in (None, first)
+        finally:
+            await writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="app.proxy.writer"):
+        asyncio.run(scenario())
+    assert "died" in caplog.text
+    balance = money.from_usd("1") - 2_000
+    assert money_state(engine, account.id) == (balance, 0, balance) and records(engine, account.id) == 2
+
+
+def test_a_batch_committed_by_a_child_that_died_before_answering_is_applied_once(make_account, engine, tmp_path):
+    account = make_account(balance="1")
+    hold(engine, account.id, 3 * HELD)
+    marker = tmp_path / "died"
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine), command=[sys.executable, "-m", "tests.proxy.dying_writer",
+                                                        str(marker)])
+        try:
+            # The first child commits the batch and dies; the batch goes again to the next child.
+            await writer.write(time_ordered_id("ub_"), [entry(account.id), entry(account.id)])
+            await writer.write(time_ordered_id("ub_"), [entry(account.id)])
+        finally:
+            await writer.close()
+
+    asyncio.run(scenario())
+    assert marker.exists()  # a child did die after committing
+    balance = money.from_usd("1") - 3_000
+    assert money_state(engine, account.id) == (balance, 0, balance) and records(engine, account.id) == 3
+
+
+def test_a_starved_idle_child_is_followed_by_one_at_normal_priority(make_account, engine):
+    account = make_account(balance="1")
+    hold(engine, account.id, 2 * HELD)
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine), starved_after=0.0)  # every answer counts as late
+        try:
+            await writer.write(time_ordered_id("ub_"), [entry(account.id)])
+            assert writer.idle is False and writer.pid is None
+            await writer.write(time_ordered_id("ub_"), [entry(account.id)])
+            if sys.platform == "linux":
+                assert os.sched_getscheduler(writer.pid) == os.SCHED_OTHER
+        finally:
+            await writer.close()
+
+    asyncio.run(scenario())
+    balance = money.from_usd("1") - 2_000
+    assert money_state(engine, account.id) == (balance, 0, balance) and records(engine, account.id) == 2
+
+
+def test_a_batch_the_database_refuses_fails_whole_and_the_recorder_writes_the_rest(make_account, engine):
+    account = make_account(balance="1")
+    hold(engine, account.id, 3 * HELD)
+    bad = entry(account.id)
+    bad.api_key_id = 2**31 - 1  # no such key: the foreign key refuses the record
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine))
+        try:
+            with pytest.raises(WriteFailed):
+                await writer.write(time_ordered_id("ub_"), [entry(account.id), bad])
+            assert money_state(engine, account.id)[1] == 3 * HELD  # rolled back: nothing released
+            recorder = UsageRecorder(writer, owner=OWNER)
+            recorder.start()
+            for item in (entry(account.id), bad, entry(account.id)):
+                recorder.record(item)
+            await recorder.stop()  # writes the batch; it fails, so each item is written alone
+        finally:
+            await writer.close()
+
+    asyncio.run(scenario())
+    balance = money.from_usd("1") - 2_000
+    # The bad record's hold stays held (the process's hold row is released at its stop or expiry).
+    assert money_state(engine, account.id) == (balance, HELD, balance) and records(engine, account.id) == 2
+
+
+def test_releases_without_calls_go_through_the_writer(make_account, engine):
+    account = make_account(balance="1")
+    hold(engine, account.id, 7_000)
+
+    async def scenario():
+        recorder = UsageRecorder(ProcessWriter(url_of(engine)), owner=OWNER)
+        recorder.start()
+        recorder.record(Release(account.id, 7_000))
+        await recorder.stop()
+
+    asyncio.run(scenario())
+    assert money_state(engine, account.id) == (money.from_usd("1"), 0, money.from_usd("1"))
