@@ -1,22 +1,18 @@
 """The usage writer: a child process of a web process that writes its usage batches.
 
 The recorder's batch transaction is database work for every call: tens of
-microseconds per call on the interpreter, and on SQLite the driver's C code
-besides. In a thread of the web process it took the interpreter's lock in slices,
-and requests arriving meanwhile waited for it: at one connection, p99 4-8 ms
-instead of under 2 ms (the README's Speed section). In a process of its own it
-takes nothing from the event loop but the pickling of a batch.
+microseconds of CPU per call, in SQLAlchemy and, on SQLite, in the driver's C
+code. In a thread of the web process it competed with the event loop for the
+interpreter's lock, and requests arriving meanwhile waited: at one connection,
+p99 5-6 ms (direct: 0.1 ms). In a process of its own it leaves the event loop
+only the pickling of a batch, about 2 us per call.
 
-The child runs under Linux's SCHED_IDLE policy: any other process that wakes up
-on its CPU takes the CPU at once. At normal priority, the scheduler let a batch's
-few milliseconds of CPU run to the end of their slice first, and a request
-whose next step (the upstream's answer, the client's next request) woke on that
-CPU waited for it: at one connection, p99 about 4 ms with the writer in its own
-process, under 2 ms with it idle-scheduled (measured with bench/proxy.py). An
-idle-scheduled process gets the CPU only when nothing else wants it, so on a
-machine kept busy to the last cycle the writer could fall behind: if a batch
-takes longer than STARVED_AFTER to be answered, the next child runs at normal
-priority.
+It runs at normal priority. Under Linux's SCHED_IDLE policy it gave way to
+requests at once, and at one connection p99 fell to about 2 ms; but on a busy
+machine an idle-scheduled writer is preempted in the middle of its transaction,
+and the web process's hold top-ups wait for its locks: at 32 connections,
+streaming p99 rose from 27 ms to 33-52 ms. At normal priority the writer holds
+its locks only as long as its work takes.
 
 The child lives as long as its parent's pipe: it is started with the recorder,
 reads batches from stdin and answers each on stdout once it is committed, or
@@ -49,9 +45,6 @@ from app.proxy.recorder import WriteFailed
 log = logging.getLogger(__name__)
 
 DATABASE_URL_ENV = "MEDIAGATE_USAGE_WRITER_DATABASE_URL"
-IDLE_ENV = "MEDIAGATE_USAGE_WRITER_IDLE"
-# A batch answered this long after it was sent means the idle-scheduled child is starved of CPU.
-STARVED_AFTER = 2.0
 # A batch whose child died is sent again after these pauses (seconds), to new children.
 RESEND_PAUSES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_SECONDS = 5.0  # a child that has not exited this long after its pipe closed is killed
@@ -66,12 +59,9 @@ class WriterLost(Exception):
 class ProcessWriter:
     """The parent's side: sends batches to the child and waits for each answer."""
 
-    def __init__(self, database_url: str, *, command: list[str] | None = None, idle: bool = True,
-                 starved_after: float = STARVED_AFTER):
+    def __init__(self, database_url: str, *, command: list[str] | None = None):
         self._database_url = database_url
         self._command = command or [sys.executable, "-m", "app.proxy.writer"]
-        self.idle = idle and hasattr(os, "sched_setscheduler")  # the next child's scheduling (Linux)
-        self._starved_after = starved_after
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -91,7 +81,6 @@ class ProcessWriter:
                 await asyncio.sleep(pause)
                 try:
                     process = await self._child()
-                    sent = time.monotonic()
                     process.stdin.write(_HEADER.pack(len(frame)) + frame)
                     await process.stdin.drain()
                     answered_id, error = pickle.loads(await _read_frame(process.stdout))
@@ -101,14 +90,6 @@ class ProcessWriter:
                 if answered_id != batch_id:  # cannot happen with one batch at a time; don't guess
                     await self._lost(RuntimeError(f"answer for {answered_id!r}, not {batch_id!r}"))
                     raise WriterLost(batch_id)
-                if self.idle and time.monotonic() - sent > self._starved_after:
-                    log.warning("the idle-scheduled usage writer took %.1f s for a batch; its successor runs at "
-                                "normal priority", time.monotonic() - sent)
-                    self.idle = False
-                    # It has answered every batch it was sent: nothing is lost with it.
-                    self._process = None
-                    process.kill()
-                    await process.wait()
                 if error is not None:
                     raise WriteFailed(error)
                 return
@@ -118,7 +99,7 @@ class ProcessWriter:
         if self._process is None:
             self._process = await asyncio.create_subprocess_exec(
                 *self._command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                env={**os.environ, DATABASE_URL_ENV: self._database_url, IDLE_ENV: "1" if self.idle else ""})
+                env={**os.environ, DATABASE_URL_ENV: self._database_url})
         return self._process
 
     async def _lost(self, exc: BaseException) -> None:
@@ -167,8 +148,6 @@ def main() -> None:
     """The child: apply each batch read from stdin in one transaction, answer on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if os.environ.get(IDLE_ENV):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # Answers go to the original stdout; anything else printed goes to stderr, not into the pipe.
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
