@@ -196,17 +196,22 @@ class UsageRecorder:
                 await asyncio.sleep(INTERVAL)
 
     async def _write(self, batch: list) -> None:
+        """Write the batch; if it fails, once more under the same id (a commit that failed to
+        report itself is then recognized), then each item on its own under an id of its own."""
         batch_id = time_ordered_id("ub_")
-        try:
-            await self._writer.write(batch_id, batch)
-            return
-        except WriteFailed:
-            log.warning("writing %d usage records failed; retrying one by one", len(batch), exc_info=True)
-        except Exception:
-            # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
-            log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
-                      exc_info=True)
-            return
+        for attempt in range(2):
+            try:
+                await self._writer.write(batch_id, batch)
+                return
+            except WriteFailed:
+                log.warning("writing %d usage records failed%s", len(batch),
+                            "; trying again" if attempt == 0 else "; writing them one by one", exc_info=True)
+                await asyncio.sleep(0.1)
+            except Exception:
+                # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
+                log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
+                          exc_info=True)
+                return
         for index, item in enumerate(batch):
             for attempt in range(RETRIES):
                 try:

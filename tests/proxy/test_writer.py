@@ -119,7 +119,7 @@ def test_a_batch_committed_by_a_child_that_died_before_answering_is_applied_once
     marker = tmp_path / "died"
 
     async def scenario():
-        writer = ProcessWriter(url_of(engine), command=[sys.executable, "-m", "tests.proxy.dying_writer",
+        writer = ProcessWriter(url_of(engine), command=[sys.executable, "-m", "tests.proxy.faulty_writer", "die",
                                                         str(marker)])
         try:
             # The first child commits the batch and dies; the batch goes again to the next child.
@@ -132,6 +132,34 @@ def test_a_batch_committed_by_a_child_that_died_before_answering_is_applied_once
     assert marker.exists()  # a child did die after committing
     balance = money.from_usd("1") - 3_000
     assert money_state(engine, account.id) == (balance, 0, balance) and records(engine, account.id) == 3
+
+
+def test_a_batch_reported_failed_after_it_was_committed_is_not_written_again(make_account, engine, tmp_path,
+                                                                            caplog):
+    """A commit can go through and still fail for the client (the connection drops as it
+    commits). The recorder sends the batch again under its id before it writes the items
+    one by one under new ids, so the batch's claim shows it was written: its release of an
+    idle pool's hold, which no record's key would catch, is not applied twice."""
+    account = make_account(balance="1")
+    in_flight = 4_000  # held by another call, still running: it must stay held
+    hold(engine, account.id, 3 * HELD + 7_000 + in_flight)
+    marker = tmp_path / "failed"
+
+    async def scenario():
+        writer = ProcessWriter(url_of(engine), command=[sys.executable, "-m", "tests.proxy.faulty_writer", "fail",
+                                                        str(marker)])
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        for item in (entry(account.id), Release(account.id, 7_000), entry(account.id), entry(account.id)):
+            recorder.record(item)
+        await recorder.stop()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert marker.exists()  # the first answer did say the batch failed
+    assert "could not write" not in caplog.text
+    balance = money.from_usd("1") - 3_000
+    assert money_state(engine, account.id) == (balance, in_flight, balance) and records(engine, account.id) == 3
 
 
 def test_a_batch_the_database_refuses_fails_whole_and_the_recorder_writes_the_rest(make_account, engine):
