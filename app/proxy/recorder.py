@@ -33,7 +33,7 @@ from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 log = logging.getLogger(__name__)
 BATCH = 2000
 RETRIES = 5
-INTERVAL = 0.05  # seconds between writes: bounds the recorder's share of the process under load
+INTERVAL = 0.05  # seconds between batches: bounds the transactions per second (each has a fixed cost)
 # A batch's id is kept this long: far longer than a writer takes to send a batch again.
 KEEP_BATCH_IDS = timedelta(hours=1)
 
