@@ -58,3 +58,16 @@ def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
         assert ours(value) == theirs(UTCDateTime().process_bind_param(value, dialect))
     assert ours(datetime(2026, 3, 1, 7, 30, tzinfo=timezone(timedelta(hours=-5)))) == "2026-03-01 12:30:00.000000"
     assert ours(None) is None
+
+
+def test_time_ordered_ids_sort_by_time_and_do_not_repeat():
+    import time
+
+    from app.models import time_ordered_id
+
+    first = [time_ordered_id("req_") for _ in range(10_000)]
+    time.sleep(0.002)
+    later = time_ordered_id("req_")
+    assert len(set(first)) == len(first)
+    assert all(later > earlier for earlier in first)  # a later millisecond sorts after every earlier id
+    assert len(later) == 32 and later.startswith("req_") and int(later[4:], 16) >= 0
