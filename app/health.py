@@ -1,4 +1,4 @@
-"""GET /healthz: the process is up, and can reach its database and broker."""
+"""GET /healthz: the process is up, can reach its database and broker, and its usage writer keeps up."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ async def healthz(request: Request) -> JSONResponse:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"
+    checks["usage_writer"] = state.llm.recorder.health()
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
 

@@ -89,7 +89,7 @@ def test_quick_start_serves_and_completes_a_task_with_no_other_service(served):
     assert image.size == (1024, 576)
     assert httpx.get(api + "/v1/balance", headers=headers).json()["balance"] == "9.99900"
     health = httpx.get(base + "/healthz").json()
-    assert health == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert health == {"status": "ok", "database": "ok", "broker": "ok", "usage_writer": "ok"}
 
 
 def _readme_block(language: str, after: str) -> str:

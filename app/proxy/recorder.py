@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -36,6 +37,8 @@ RETRIES = 5
 INTERVAL = 0.05  # seconds between batches: bounds the transactions per second (each has a fixed cost)
 # A batch's id is kept this long: far longer than a writer takes to send a batch again.
 KEEP_BATCH_IDS = timedelta(hours=1)
+# Calls waiting this long (seconds) with no batch written meanwhile: the writer is stalled.
+STALLED_AFTER = 60.0
 
 
 @dataclass
@@ -147,13 +150,31 @@ class UsageRecorder:
         self.owner = owner
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._pending = 0  # items recorded and not yet written (or given up on)
+        self._progress_at = time.monotonic()  # when a batch was last done, or waiting began
+        self._failed_at: float | None = None  # when the last batch done left items unwritten
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-recorder")
 
     def record(self, item: Entry | Release) -> None:
         item.owner = self.owner
+        if not self._pending:
+            self._progress_at = time.monotonic()
+        self._pending += 1
         self._queue.put_nowait(item)
+
+    def health(self, stalled_after: float = STALLED_AFTER) -> str:
+        """"ok", or what is wrong: calls have waited `stalled_after` seconds with no batch
+        written meanwhile, or the last batch could not be written (said for `stalled_after`
+        seconds, so that a process taken out of rotation for it comes back and tries again)."""
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < stalled_after:
+            return "failing: the last usage batch could not be written (see the log)"
+        waited = now - self._progress_at
+        if self._pending and waited > stalled_after:
+            return f"stalled: {self._pending} calls waiting to be recorded, none written for {waited:.0f} s"
+        return "ok"
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written."""
@@ -189,20 +210,24 @@ class UsageRecorder:
                 else:
                     batch.append(item)
             if batch:
-                await self._write(batch)
+                written = await self._write(batch)
+                self._pending -= len(batch)
+                self._progress_at = time.monotonic()
+                self._failed_at = None if written else self._progress_at
             for _ in range(taken):
                 self._queue.task_done()
             if not stopping:
                 await asyncio.sleep(INTERVAL)
 
-    async def _write(self, batch: list) -> None:
+    async def _write(self, batch: list) -> bool:
         """Write the batch; if it fails, once more under the same id (a commit that failed to
-        report itself is then recognized), then each item on its own under an id of its own."""
+        report itself is then recognized), then each item on its own under an id of its own.
+        Returns False if anything was left unwritten."""
         batch_id = time_ordered_id("ub_")
         for attempt in range(2):
             try:
                 await self._writer.write(batch_id, batch)
-                return
+                return True
             except WriteFailed:
                 log.warning("writing %d usage records failed%s", len(batch),
                             "; trying again" if attempt == 0 else "; writing them one by one", exc_info=True)
@@ -211,7 +236,8 @@ class UsageRecorder:
                 # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
                 log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
                           exc_info=True)
-                return
+                return False
+        written = True
         for index, item in enumerate(batch):
             for attempt in range(RETRIES):
                 try:
@@ -221,6 +247,9 @@ class UsageRecorder:
                     await asyncio.sleep(0.1 * 2**attempt)
                 except Exception:
                     log.error("could not write %r; its hold stays", item, exc_info=True)
+                    written = False
                     break
             else:
                 log.error("could not write %r; its hold stays", item)
+                written = False
+        return written

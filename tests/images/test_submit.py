@@ -115,7 +115,7 @@ def test_unknown_route_is_openai_shaped_404(client):
     assert r.json()["error"]["code"] == "not_found"
 
 
-def test_health_reports_database_and_broker(client):
+def test_health_reports_database_broker_and_usage_writer(client):
     r = client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert r.json() == {"status": "ok", "database": "ok", "broker": "ok", "usage_writer": "ok"}

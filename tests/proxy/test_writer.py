@@ -200,3 +200,50 @@ def test_releases_without_calls_go_through_the_writer(make_account, engine):
 
     asyncio.run(scenario())
     assert money_state(engine, account.id) == (money.from_usd("1"), 0, money.from_usd("1"))
+
+
+class _GatedWriter:
+    """A writer that writes nothing until let go, then fails or succeeds as told."""
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.fail = False
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, batch_id: str, items: list) -> None:
+        await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("the writer was lost")
+
+    async def close(self) -> None:
+        pass
+
+
+def test_health_says_when_the_writer_stalls_or_fails():
+    async def scenario():
+        writer = _GatedWriter()
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        assert recorder.health(stalled_after=0.05) == "ok"  # nothing waiting
+        recorder.record(entry(1))
+        assert recorder.health(stalled_after=0.05) == "ok"
+        await asyncio.sleep(0.1)
+        assert recorder.health(stalled_after=0.05).startswith("stalled: 1 calls waiting")
+        writer.gate.set()
+        await recorder.flush()
+        assert recorder.health(stalled_after=0.05) == "ok"
+
+        writer.fail = True
+        recorder.record(entry(1))
+        await recorder.flush()
+        assert recorder.health(stalled_after=5).startswith("failing:")
+        assert recorder.health(stalled_after=0.0) == "ok"  # said for a while, not for good
+        writer.fail = False
+        recorder.record(entry(1))
+        await recorder.flush()
+        assert recorder.health(stalled_after=5) == "ok"  # a batch written again
+        await recorder.stop()
+
+    asyncio.run(scenario())
