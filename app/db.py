@@ -7,10 +7,12 @@ share one implementation.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.settings import async_database_url
@@ -119,3 +121,19 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict]) -> None:
                 values[index] = process(values[index])
         params.append(tuple(values))
     conn.exec_driver_sql(sql, params)
+
+
+def insert_unless_exists(conn: Connection, table: Table, key: tuple[str, ...], values: dict) -> bool:
+    """Insert a row of `values` unless one with the same `key` columns exists; True if inserted.
+
+    The statement is built once per table (the values come as parameters): the usage
+    writer runs two of these in every batch.
+    """
+    # RETURNING, not rowcount: psycopg 3 with SQLAlchemy 2.1 reports rowcount -1 for this statement.
+    return conn.execute(_insert_unless_exists(conn.dialect.name, table, key), values).first() is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_unless_exists(dialect_name: str, table: Table, key: tuple[str, ...]):
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(*table.primary_key.columns)

@@ -26,6 +26,7 @@ from sqlalchemy import JSON, Connection, Table, bindparam, delete, func, insert,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
+from app.db import insert_unless_exists
 from app.models import Account, LedgerEntry, LLMHold, Timestamp, utcnow
 
 TOPUP, CHARGE, REFUND, USAGE = "topup", "charge", "refund", "usage"
@@ -37,16 +38,7 @@ class InsufficientBalance(Exception):
 
 def _insert_once(conn: Connection, **values) -> bool:
     """Insert a ledger row unless one with the same (kind, reference) exists."""
-    # RETURNING, not rowcount: psycopg 3 with SQLAlchemy 2.1 reports rowcount -1 for this statement.
-    return conn.execute(_insert_once_statement(conn.dialect.name), {"created_at": utcnow(), **values}).first() is not None
-
-
-@functools.lru_cache(maxsize=4)
-def _insert_once_statement(dialect_name: str):
-    """Made once: the values come as parameters (this runs for every usage batch)."""
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return (dialect.insert(LedgerEntry).on_conflict_do_nothing(index_elements=["kind", "reference"])
-            .returning(LedgerEntry.id))
+    return insert_unless_exists(conn, LedgerEntry.__table__, ("kind", "reference"), {"created_at": utcnow(), **values})
 
 
 def top_up(conn: Connection, account_id: int, amount: int, note: str = "") -> None:

@@ -17,7 +17,6 @@ interpreter's lock in slices that made requests wait.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import Connection, delete
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app import ledger
-from app.db import insert_rows
+from app.db import insert_rows, insert_unless_exists
 from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -110,13 +108,7 @@ def write(conn: Connection, items: list, batch_id: str | None = None) -> bool:
 
 def _claim(conn: Connection, batch_id: str) -> bool:
     """Mark the batch written, in the transaction that writes it; False if it already was."""
-    return conn.execute(_claim_statement(conn.dialect.name), {"id": batch_id, "created_at": utcnow()}).first() is not None
-
-
-@functools.lru_cache(maxsize=4)
-def _claim_statement(dialect_name: str):
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(UsageBatch).on_conflict_do_nothing(index_elements=["id"]).returning(UsageBatch.id)
+    return insert_unless_exists(conn, UsageBatch.__table__, ("id",), {"id": batch_id, "created_at": utcnow()})
 
 
 def forget_batches(conn: Connection) -> int:
@@ -246,9 +238,11 @@ class UsageRecorder:
                 except WriteFailed:
                     await asyncio.sleep(0.1 * 2**attempt)
                 except Exception:
-                    log.error("could not write %r; its hold stays", item, exc_info=True)
-                    written = False
-                    break
+                    # The writer itself is lost (it has already tried new children): the items
+                    # left would each wait through the same attempts. Give them up together.
+                    log.error("could not write %r, nor the %d usage items after it; their holds stay", item,
+                              len(batch) - index - 1, exc_info=True)
+                    return False
             else:
                 log.error("could not write %r; its hold stays", item)
                 written = False

@@ -247,3 +247,37 @@ def test_health_says_when_the_writer_stalls_or_fails():
         await recorder.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_once():
+    """Each lost write has already been through the writer's resends (seconds each): the items
+    after it are not sent to wait through the same, one by one."""
+
+    class RefusesBatchesThenIsLost:
+        def __init__(self):
+            self.sent: list[int] = []
+
+        async def start(self) -> None:
+            pass
+
+        async def write(self, batch_id: str, items: list) -> None:
+            self.sent.append(len(items))
+            if len(items) > 1:
+                raise WriteFailed("refused")
+            raise RuntimeError("the writer was lost")
+
+        async def close(self) -> None:
+            pass
+
+    async def scenario():
+        writer = RefusesBatchesThenIsLost()
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        for _ in range(3):
+            recorder.record(entry(1))
+        await recorder.flush()
+        assert recorder.health().startswith("failing:")
+        await recorder.stop()
+        return writer.sent
+
+    assert asyncio.run(scenario()) == [3, 3, 1]  # the batch twice under its id, then the first item only
