@@ -13,7 +13,7 @@ body, so tests running side by side don't step on each other:
     [drop:N]              stream N deltas, then break the connection
     [slow:MS]             wait MS milliseconds before each delta
     [wait:MS]             wait MS milliseconds before answering at all
-    [tag:NAME]            keep the exact bytes sent under NAME (see `sent`, `closed`)
+    [tag:NAME]            keep the exact bytes sent under NAME (see `sent`, `opened`, `closed`)
 
 A request without a field its provider requires (chat: model and messages; Responses: model;
 Messages: model, messages and max_tokens; Gemini: contents) gets the provider's 400.
@@ -262,6 +262,7 @@ class FakeLLMUpstream:
     def __init__(self):
         self.calls: list[dict] = []
         self.sent: dict[str, bytes] = {}
+        self.opened: dict[str, threading.Event] = defaultdict(threading.Event)
         self.closed: dict[str, threading.Event] = defaultdict(threading.Event)
         self.in_flight = 0
 
@@ -298,6 +299,8 @@ class FakeLLMUpstream:
         given = headers.get("x-api-key") if fmt == "anthropic" else (
             headers.get("x-goog-api-key") if fmt == "gemini" else headers.get("authorization"))
         p = Plan(body)
+        if p.tag:
+            self.opened[p.tag].set()
         if p.wait and await self._client_left(receive, p.wait):
             if p.tag:
                 self.closed[p.tag].set()

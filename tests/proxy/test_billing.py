@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import time
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -71,6 +73,25 @@ def test_client_gone_before_the_upstream_answers(base, make_account, engine, llm
         httpx.post(base + "/v1/chat/completions", headers=account.headers, timeout=0.5,
                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": f"[wait:10000] [tag:{tag}]"}]})
     assert llm_upstream.closed[tag].wait(5)
+    record = usage_rows(engine, account.id)[0]
+    assert record.client_disconnected and record.cost == 0 and record.upstream_status is None
+
+
+def test_client_gone_at_once_still_closes_the_upstream_request(base, make_account, engine, llm_upstream):
+    # The gateway starts watching a call's client only after WATCH_AFTER; one that left
+    # before then must be noticed when it does, not when the upstream answers.
+    account = make_account()
+    tag = secrets.token_hex(6)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"[wait:10000] [tag:{tag}]"}]})
+    host, port = urlsplit(base).hostname, urlsplit(base).port
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall((f"POST {urlsplit(base).path}/v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Authorization: Bearer {account.key}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert llm_upstream.opened[tag].wait(5)  # the call reached the upstream...
+    # ... and the client is gone: the upstream request is closed long before its 10 s answer.
+    assert llm_upstream.closed[tag].wait(5)
+    wait_until(lambda: usage_rows(engine, account.id))
     record = usage_rows(engine, account.id)[0]
     assert record.client_disconnected and record.cost == 0 and record.upstream_status is None
 
