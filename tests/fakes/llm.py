@@ -25,7 +25,6 @@ import asyncio
 import json
 import re
 import threading
-from collections import defaultdict
 
 KEYS = {"openai": "Bearer sk-upstream-llm-openai", "anthropic": "sk-ant-upstream", "gemini": "upstream-gemini-llm-key"}
 TEXT = "Hello from the fake upstream."
@@ -258,12 +257,22 @@ HEADERS = {
 }
 
 
+class Events(dict):
+    """An event per tag, made by whichever thread asks first: the fake's or the test's.
+
+    Not a defaultdict: its factory runs Python code, so two threads asking for a new tag
+    at once could each make an event, and the test could wait on the one nobody sets."""
+
+    def __missing__(self, tag: str) -> threading.Event:
+        return self.setdefault(tag, threading.Event())
+
+
 class FakeLLMUpstream:
     def __init__(self):
         self.calls: list[dict] = []
         self.sent: dict[str, bytes] = {}
-        self.opened: dict[str, threading.Event] = defaultdict(threading.Event)
-        self.closed: dict[str, threading.Event] = defaultdict(threading.Event)
+        self.opened = Events()
+        self.closed = Events()
         self.in_flight = 0
 
     def last(self, path_part: str) -> dict:
