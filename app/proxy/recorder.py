@@ -17,6 +17,7 @@ interpreter's lock in slices that made requests wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 log = logging.getLogger(__name__)
 BATCH = 2000
 RETRIES = 5
-INTERVAL = 0.05  # seconds between batches: bounds the transactions per second (each has a fixed cost)
+INTERVAL = 0.1  # seconds between batches: bounds the transactions per second (each has a fixed cost)
 # A batch's id is kept this long: far longer than a writer takes to send a batch again.
 KEEP_BATCH_IDS = timedelta(hours=1)
 # Calls waiting this long (seconds) with no batch written meanwhile: the writer is stalled.
@@ -168,10 +169,11 @@ class UsageRecorder:
             return f"stalled: {self._pending} calls waiting to be recorded, none written for {waited:.0f} s"
         return "ok"
 
-    async def flush(self) -> None:
-        """Wait until everything recorded so far is written."""
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything recorded so far is written (at most `timeout` seconds)."""
         if self._task is not None:
-            await self._queue.join()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._queue.join(), timeout)
 
     async def stop(self) -> None:
         if self._task is None:

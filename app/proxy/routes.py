@@ -20,6 +20,8 @@ from app.proxy.forward import ProxyResponse
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
 
 log = logging.getLogger(__name__)
+# The longest a usage listing waits for this process's unwritten records (a stalled writer).
+FLUSH_BEFORE_LISTING = 2.0
 FAMILY_OF_API = {CHAT: OPENAI, RESPONSES: OPENAI, MESSAGES: ANTHROPIC, GEMINI: GEMINI_FAMILY}
 
 
@@ -105,6 +107,9 @@ async def usage(request: Request):
     params = request.query_params
     filters = records.parse_filters(params)
     engine = request.app.state.engine
+    # What this process has served is written first, so a script that makes a call and then
+    # lists its usage sees it; a call served by another web process is there within a batch.
+    await request.app.state.llm.recorder.flush(timeout=FLUSH_BEFORE_LISTING)
     if params.get("format") == "csv":
         cursor = params.get("cursor")
         if cursor:

@@ -113,3 +113,14 @@ def test_a_real_call_shows_up(base, client, account, engine):
     row = client.get("/v1/usage", headers=account.headers).json()["data"][0]
     assert (row["model"], row["input_tokens"], row["output_tokens"], row["upstream_status"]) == ("gpt-4o", 7, 3, 200)
     assert row["cost"] == "0.000047500"  # 7 x $2.50 + 3 x $10 per 1M tokens
+
+
+def test_a_call_is_listed_as_soon_as_it_has_answered(base, make_account):
+    # No waiting in between: the listing first writes what its web process has served.
+    account = make_account()
+    for count in range(1, 4):
+        answered = httpx.post(base + "/v1/chat/completions", headers=account.headers,
+                              json={"model": "gpt-4o", "messages": [{"role": "user", "content": "[in:7] [out:3]"}]})
+        assert answered.status_code == 200
+        listed = httpx.get(base + "/v1/usage", headers=account.headers).json()["data"]
+        assert len(listed) == count and listed[0]["id"] == answered.headers["x-mediagate-request-id"]
