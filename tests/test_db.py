@@ -71,3 +71,28 @@ def test_time_ordered_ids_sort_by_time_and_do_not_repeat():
     assert len(set(first)) == len(first)
     assert all(later > earlier for earlier in first)  # a later millisecond sorts after every earlier id
     assert len(later) == 32 and later.startswith("req_") and int(later[4:], 16) >= 0
+
+
+def test_a_forked_process_does_not_repeat_its_parent_s_ids():
+    """Web processes forked from one parent (uvicorn --workers, gunicorn) share its generator's
+    state at the fork; each must draw different ids from then on."""
+    import os
+
+    from app.models import time_ordered_id
+
+    def random_parts(count: int) -> list[str]:
+        return [time_ordered_id("req_")[16:] for _ in range(count)]  # after the 12 digits of time
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids to the parent, and nothing else
+        try:
+            os.write(write, " ".join(random_parts(1000)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    mine = set(random_parts(1000))
+    with os.fdopen(read, "rb") as pipe:
+        theirs = set(pipe.read().decode().split())
+    os.waitpid(pid, 0)
+    assert len(theirs) == 1000 and not mine & theirs

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -281,3 +282,28 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
         return writer.sent
 
     assert asyncio.run(scenario()) == [3, 3, 1]  # the batch twice under its id, then the first item only
+
+
+def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_account, engine):
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+    from app.models import ApiKey
+    from tests.proxy.conftest import usage_rows
+
+    account = make_account()
+    call = {"model": "gpt-4o", "messages": [{"role": "user", "content": "[in:7] [out:3]"}]}
+    with TestClient(create_app()) as client:  # a process of its own: its failure can't spill into other tests
+        assert client.post("/v1/chat/completions", headers=account.headers, json=call).status_code == 200
+        usage_rows(engine, account.id)
+        assert client.get("/healthz").json()["usage_writer"] == "ok"
+        # The key is cached, so calls go on; its row is gone, so the database refuses their records.
+        with engine.begin() as conn:
+            conn.execute(ApiKey.__table__.delete().where(ApiKey.account_id == account.id))
+        assert client.post("/v1/chat/completions", headers=account.headers, json=call).status_code == 200
+        deadline = time.monotonic() + 15
+        while (health := client.get("/healthz")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.status_code == 503
+        assert health.json()["status"] == "degraded" and health.json()["usage_writer"].startswith("failing:")
+        assert health.json()["database"] == "ok"
