@@ -143,7 +143,9 @@ class UsageRecorder:
         self.owner = owner
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
-        self._pending = 0  # items recorded and not yet written (or given up on)
+        self._recorded = 0  # items recorded so far
+        self._done = 0  # of those, the ones written or given up on (they are taken in order)
+        self._flushes: list[tuple[int, asyncio.Future]] = []  # (items to be done, who waits for them)
         self._progress_at = time.monotonic()  # when a batch was last done, or waiting began
         self._failed_at: float | None = None  # when the last batch done left items unwritten
 
@@ -152,9 +154,9 @@ class UsageRecorder:
 
     def record(self, item: Entry | Release) -> None:
         item.owner = self.owner
-        if not self._pending:
+        if self._recorded == self._done:
             self._progress_at = time.monotonic()
-        self._pending += 1
+        self._recorded += 1
         self._queue.put_nowait(item)
 
     def health(self, stalled_after: float = STALLED_AFTER) -> str:
@@ -164,16 +166,31 @@ class UsageRecorder:
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < stalled_after:
             return "failing: the last usage batch could not be written (see the log)"
-        waited = now - self._progress_at
-        if self._pending and waited > stalled_after:
-            return f"stalled: {self._pending} calls waiting to be recorded, none written for {waited:.0f} s"
+        waited, pending = now - self._progress_at, self._recorded - self._done
+        if pending and waited > stalled_after:
+            return f"stalled: {pending} calls waiting to be recorded, none written for {waited:.0f} s"
         return "ok"
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything recorded so far is written (at most `timeout` seconds)."""
-        if self._task is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._queue.join(), timeout)
+        """Wait until everything recorded before this call is written, or given up on (at most
+        `timeout` seconds). What is recorded meanwhile is not waited for: under steady traffic
+        the queue is never empty, and a flush still ends with the next batch."""
+        if self._task is None or self._done >= self._recorded:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._flushes.append((self._recorded, waiter))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(waiter, timeout)
+
+    def _flushed(self, everything: bool = False) -> None:
+        waiting = []
+        for target, waiter in self._flushes:
+            if everything or target <= self._done:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((target, waiter))
+        self._flushes = waiting
 
     async def stop(self) -> None:
         if self._task is None:
@@ -189,29 +206,30 @@ class UsageRecorder:
         except Exception:  # the first batch tries again
             log.warning("could not start the usage writer", exc_info=True)
         stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            batch, taken = [], 1
-            if first is None:
-                stopping = True
-            else:
-                batch.append(first)
-            while len(batch) < BATCH and not self._queue.empty():
-                item = self._queue.get_nowait()
-                taken += 1
-                if item is None:
+        try:
+            while not stopping:
+                first = await self._queue.get()
+                batch = []
+                if first is None:
                     stopping = True
                 else:
-                    batch.append(item)
-            if batch:
-                written = await self._write(batch)
-                self._pending -= len(batch)
-                self._progress_at = time.monotonic()
-                self._failed_at = None if written else self._progress_at
-            for _ in range(taken):
-                self._queue.task_done()
-            if not stopping:
-                await asyncio.sleep(INTERVAL)
+                    batch.append(first)
+                while len(batch) < BATCH and not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+                if batch:
+                    written = await self._write(batch)
+                    self._done += len(batch)
+                    self._progress_at = time.monotonic()
+                    self._failed_at = None if written else self._progress_at
+                    self._flushed()
+                if not stopping:
+                    await asyncio.sleep(INTERVAL)
+        finally:
+            self._flushed(everything=True)  # nothing more will be written: nobody waits for it
 
     async def _write(self, batch: list) -> bool:
         """Write the batch; if it fails, once more under the same id (a commit that failed to

@@ -307,3 +307,49 @@ def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_acc
         assert health.status_code == 503
         assert health.json()["status"] == "degraded" and health.json()["usage_writer"].startswith("failing:")
         assert health.json()["database"] == "ok"
+
+
+def test_a_flush_under_steady_traffic_ends_with_the_next_batch():
+    """What is recorded after a flush began is not waited for: under steady traffic the queue
+    is never empty, and a listing that flushes first must not wait for its timeout."""
+
+    class SlowWriter:
+        def __init__(self):
+            self.written: list[str] = []
+
+        async def start(self) -> None:
+            pass
+
+        async def write(self, batch_id: str, items: list) -> None:
+            await asyncio.sleep(0.02)
+            self.written += [item.id for item in items]
+
+        async def close(self) -> None:
+            pass
+
+    async def scenario():
+        writer = SlowWriter()
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+
+        recorded: list[str] = []
+
+        async def traffic():
+            while True:
+                item = entry(1)
+                recorder.record(item)
+                recorded.append(item.id)
+                await asyncio.sleep(0.002)
+
+        feeding = asyncio.create_task(traffic())
+        await asyncio.sleep(0.3)
+        before = list(recorded)
+        started = time.monotonic()
+        await recorder.flush(timeout=5)
+        took, written = time.monotonic() - started, set(writer.written)
+        feeding.cancel()
+        await recorder.stop()
+        assert before and set(before) <= written  # what was recorded before the flush is written
+        assert took < 1.0, f"the flush waited {took:.1f} s"
+
+    asyncio.run(scenario())
