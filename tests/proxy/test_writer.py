@@ -203,23 +203,30 @@ def test_releases_without_calls_go_through_the_writer(make_account, engine):
     assert money_state(engine, account.id) == (money.from_usd("1"), 0, money.from_usd("1"))
 
 
-class _GatedWriter:
+class _Writer:
+    """A writer within the test's own process, for the recorder alone: each test says how it writes."""
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, batch_id: str, items: list) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class _GatedWriter(_Writer):
     """A writer that writes nothing until let go, then fails or succeeds as told."""
 
     def __init__(self):
         self.gate = asyncio.Event()
         self.fail = False
 
-    async def start(self) -> None:
-        pass
-
     async def write(self, batch_id: str, items: list) -> None:
         await self.gate.wait()
         if self.fail:
             raise RuntimeError("the writer was lost")
-
-    async def close(self) -> None:
-        pass
 
 
 def test_health_says_when_the_writer_stalls_or_fails():
@@ -254,21 +261,15 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
     """Each lost write has already been through the writer's resends (seconds each): the items
     after it are not sent to wait through the same, one by one."""
 
-    class RefusesBatchesThenIsLost:
+    class RefusesBatchesThenIsLost(_Writer):
         def __init__(self):
             self.sent: list[int] = []
-
-        async def start(self) -> None:
-            pass
 
         async def write(self, batch_id: str, items: list) -> None:
             self.sent.append(len(items))
             if len(items) > 1:
                 raise WriteFailed("refused")
             raise RuntimeError("the writer was lost")
-
-        async def close(self) -> None:
-            pass
 
     async def scenario():
         writer = RefusesBatchesThenIsLost()
@@ -313,19 +314,13 @@ def test_a_flush_under_steady_traffic_ends_with_the_next_batch():
     """What is recorded after a flush began is not waited for: under steady traffic the queue
     is never empty, and a listing that flushes first must not wait for its timeout."""
 
-    class SlowWriter:
+    class SlowWriter(_Writer):
         def __init__(self):
             self.written: list[str] = []
-
-        async def start(self) -> None:
-            pass
 
         async def write(self, batch_id: str, items: list) -> None:
             await asyncio.sleep(0.02)
             self.written += [item.id for item in items]
-
-        async def close(self) -> None:
-            pass
 
     async def scenario():
         writer = SlowWriter()
