@@ -1,8 +1,8 @@
 """Usage records and settlements, written in batches off the response path.
 
 The proxy hands each finished call to `UsageRecorder.record` (no await, no
-database). One background task collects what has queued up, at most every
-`interval` seconds, and hands it as one batch to a writer, which applies it in
+database). One background task collects what has queued up, at most once per
+`INTERVAL` seconds, and hands it as one batch to a writer, which applies it in
 one transaction (`write`): per account (and hold owner), one `ledger.settle` that
 releases the holds of the batch's calls and charges their metered costs as one
 `usage` ledger row (its reference the first call's id), and a usage row per call
