@@ -66,10 +66,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(app: str, port: int, env: dict, *, factory: bool = False) -> subprocess.Popen:
+def serve(app: str, port: int, env: dict, *, factory: bool = False, cwd: Path = ROOT) -> subprocess.Popen:
+    """`app` under uvicorn, run from `cwd` (this checkout unless told)."""
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
             "--http", "httptools", "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
-    proc = subprocess.Popen(argv + (["--factory"] if factory else []), cwd=ROOT, env=env)
+    proc = subprocess.Popen(argv + (["--factory"] if factory else []), cwd=cwd, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -81,6 +82,15 @@ def serve(app: str, port: int, env: dict, *, factory: bool = False) -> subproces
             time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"bench: {app} did not start on port {port}")
+
+
+def stop(procs: list[subprocess.Popen], tmp: Path) -> None:
+    """Stop the servers, then remove the run's scratch directory."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -243,11 +253,7 @@ def main() -> None:
                         runs[driver].setdefault((mode, name), []).append(
                             measure(driver, proc.pid, url, headers, BODY % extra, bool(extra), args, tmp))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
     for driver in drivers:
         report(runs[driver], args, driver)
 
