@@ -5,8 +5,9 @@
 `git worktree add /tmp/old <commit>` makes a checkout to compare with. Each checkout runs
 under uvicorn from its own directory, with this interpreter, on a SQLite database of its
 own (made by its own migrations) with one funded account; the fake upstream runs once.
-Every round measures direct and then each checkout in turn, so the machine's drift (a
-third between hours, on the development machine) falls on all of them alike. It prints
+Every round measures direct and then each checkout in turn, starting one checkout further
+on each round, so the machine's drift (a third between hours, on the development machine)
+and the place in the round fall on all of them alike. It prints
 each round and the medians. `bench/proxy.py` measures one checkout against the
 yardsticks; this tells whether a change to the code moved it.
 """
@@ -58,8 +59,13 @@ def main() -> None:
             targets[name] = (f"http://127.0.0.1:{port}/llm-api/v1/chat/completions", procs[-1], f"Bearer {key}")
         body = BODY % (b',"stream":true' if args.stream else b"")
         runs: dict[str, list[dict]] = {name: [] for name in targets}
+        names = list(checkouts)
         for round_ in range(args.rounds):
-            for name, (url, proc, authorization) in targets.items():
+            # Each round starts the checkouts one place further on: the same code measured as
+            # the first and the last of a round differed by up to 7% here.
+            shift = round_ % len(names)
+            for name in ["direct", *names[shift:], *names[:shift]]:
+                url, proc, authorization = targets[name]
                 run = measure("wrk", proc.pid, url, {"authorization": authorization}, body, args.stream, args, tmp)
                 runs[name].append(run)
                 print(f"round {round_ + 1} {name:<12} {run['rps']:>8.0f} req/s  p50 {run['p50']:.1f} ms  "
