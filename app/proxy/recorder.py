@@ -32,7 +32,11 @@ from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 
 log = logging.getLogger(__name__)
 BATCH = 2000
-RETRIES = 5
+# While the database is unreachable or failing, a batch goes again after pauses doubling up to this.
+MAX_PAUSE = 5.0
+# At stop, a batch the database keeps failing is given up after this long (seconds); its
+# holds come back when their lease runs out.
+STOP_PATIENCE = 10.0
 INTERVAL = 0.1  # seconds between batches: bounds the transactions per second (each has a fixed cost)
 # A batch's id is kept this long: far longer than a writer takes to send a batch again.
 KEEP_BATCH_IDS = timedelta(hours=1)
@@ -118,7 +122,14 @@ def forget_batches(conn: Connection) -> int:
 
 
 class WriteFailed(Exception):
-    """The batch was not written: its transaction rolled back, so its items may be written apart."""
+    """The batch was not written: its transaction rolled back, so its items may be written apart.
+
+    `refused`: the database refused something in it (a constraint, a value), which sending it
+    again will not change. Otherwise the database was unreachable or failed, and may not later."""
+
+    def __init__(self, message: str = "", *, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
 
 
 class Writer(Protocol):
@@ -143,6 +154,7 @@ class UsageRecorder:
         self.owner = owner
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._recorded = 0  # items recorded so far
         self._done = 0  # of those, the ones written or given up on (they are taken in order)
         self._flushes: list[tuple[int, asyncio.Future]] = []  # (items to be done, who waits for them)
@@ -195,6 +207,7 @@ class UsageRecorder:
     async def stop(self) -> None:
         if self._task is None:
             return
+        self._stopping = True
         self._queue.put_nowait(None)
         await self._task
         self._task = None
@@ -232,38 +245,58 @@ class UsageRecorder:
             self._flushed(everything=True)  # nothing more will be written: nobody waits for it
 
     async def _write(self, batch: list) -> bool:
-        """Write the batch; if it fails, once more under the same id (a commit that failed to
-        report itself is then recognized), then each item on its own under an id of its own.
+        """Write the batch under one id, sent again under that id for as long as the database
+        is unreachable or failing (a commit that went through but failed to report itself is
+        then recognized). If the database refuses something in it, each item is written on its
+        own under an id of its own, and only what it refuses is given up.
         Returns False if anything was left unwritten."""
         batch_id = time_ordered_id("ub_")
-        for attempt in range(2):
-            try:
-                await self._writer.write(batch_id, batch)
-                return True
-            except WriteFailed:
-                log.warning("writing %d usage records failed%s", len(batch),
-                            "; trying again" if attempt == 0 else "; writing them one by one", exc_info=True)
-                await asyncio.sleep(0.1)
-            except Exception:
-                # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
-                log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
-                          exc_info=True)
-                return False
+        try:
+            outcome = await self._send(batch_id, batch)
+        except Exception:
+            # Perhaps written, perhaps not: only the same batch, under the same id, may go again.
+            log.error("could not write usage batch %s (%d items); its holds stay", batch_id, len(batch),
+                      exc_info=True)
+            return False
+        if outcome == _WRITTEN:
+            return True
+        if outcome == _GIVEN_UP:
+            log.error("could not write usage batch %s (%d items): %s; its holds stay", batch_id, len(batch), outcome)
+            return False
+        log.warning("the database refused usage batch %s (%d items); writing them one by one", batch_id, len(batch))
         written = True
         for index, item in enumerate(batch):
-            for attempt in range(RETRIES):
-                try:
-                    await self._writer.write(f"{batch_id}.{index}", [item])
-                    break
-                except WriteFailed:
-                    await asyncio.sleep(0.1 * 2**attempt)
-                except Exception:
-                    # The writer itself is lost (it has already tried new children): the items
-                    # left would each wait through the same attempts. Give them up together.
-                    log.error("could not write %r, nor the %d usage items after it; their holds stay", item,
-                              len(batch) - index - 1, exc_info=True)
-                    return False
-            else:
-                log.error("could not write %r; its hold stays", item)
+            try:
+                outcome = await self._send(f"{batch_id}.{index}", [item])
+            except Exception:
+                # The writer itself is lost (it has already tried new children): the items
+                # left would each wait through the same attempts. Give them up together.
+                log.error("could not write %r, nor the %d usage items after it; their holds stay", item,
+                          len(batch) - index - 1, exc_info=True)
+                return False
+            if outcome != _WRITTEN:
+                log.error("could not write %r (%s); its hold stays", item, outcome)
                 written = False
         return written
+
+    async def _send(self, batch_id: str, items: list) -> str:
+        """Send `items` under `batch_id` until written, refused, or (at stop) failing for
+        STOP_PATIENCE; raises when the writer can't tell whether it wrote them."""
+        pause, started = 0.1, time.monotonic()
+        while True:
+            try:
+                await self._writer.write(batch_id, items)
+                return _WRITTEN
+            except WriteFailed as failure:
+                if failure.refused:
+                    return _REFUSED
+                if self._stopping and time.monotonic() - started >= STOP_PATIENCE:
+                    return _GIVEN_UP
+                log.warning("writing %d usage records failed; trying again in %.1f s", len(items), pause,
+                            exc_info=True)
+                self._failed_at = time.monotonic()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_PAUSE)
+
+
+_WRITTEN, _REFUSED, _GIVEN_UP = "written", "refused by the database", "given up at stop, the database failing"

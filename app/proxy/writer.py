@@ -83,7 +83,7 @@ class ProcessWriter:
                     process = await self._child()
                     process.stdin.write(_HEADER.pack(len(frame)) + frame)
                     await process.stdin.drain()
-                    answered_id, error = pickle.loads(await _read_frame(process.stdout))
+                    answered_id, error, refused = pickle.loads(await _read_frame(process.stdout))
                 except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
                     await self._lost(exc)
                     continue
@@ -91,7 +91,7 @@ class ProcessWriter:
                     await self._lost(RuntimeError(f"answer for {answered_id!r}, not {batch_id!r}"))
                     raise WriterLost(batch_id)
                 if error is not None:
-                    raise WriteFailed(error)
+                    raise WriteFailed(error, refused=refused)
                 return
             raise WriterLost(batch_id)
 
@@ -138,8 +138,8 @@ def _read_exactly(stream, size: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-def _answer(answers, batch_id: str, error: str | None) -> None:
-    answer = pickle.dumps((batch_id, error), protocol=pickle.HIGHEST_PROTOCOL)
+def _answer(answers, batch_id: str, error: str | None, refused: bool = False) -> None:
+    answer = pickle.dumps((batch_id, error, refused), protocol=pickle.HIGHEST_PROTOCOL)
     answers.write(_HEADER.pack(len(answer)) + answer)
     answers.flush()
 
@@ -153,6 +153,8 @@ def main() -> None:
     os.dup2(2, 1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s [usage writer] %(message)s")
 
+    from sqlalchemy.exc import DataError, IntegrityError
+
     from app.db import make_engine
     from app.proxy.recorder import forget_batches, write
 
@@ -164,14 +166,16 @@ def main() -> None:
         if body is None:
             break
         batch_id, items = pickle.loads(body)
-        error = None
+        error, refused = None, False
         try:
             with engine.begin() as conn:
                 write(conn, items, batch_id)
         except Exception as exc:
             log.warning("usage batch %s rolled back", batch_id, exc_info=True)
-            error = repr(exc)
-        _answer(answers, batch_id, error)
+            # A constraint or a value the database refuses stays refused; anything else
+            # (the connection, the server, a lock) may pass when the batch comes again.
+            error, refused = repr(exc), isinstance(exc, (IntegrityError, DataError))
+        _answer(answers, batch_id, error, refused)
         if time.monotonic() - forgot_at >= FORGET_EVERY:
             forgot_at = time.monotonic()
             try:

@@ -16,13 +16,13 @@ mode, marker = sys.argv[1], sys.argv[2]
 answer = writer._answer
 
 
-def _fail_once(answers, batch_id, error):
+def _fail_once(answers, batch_id, error, refused=False):
     if not os.path.exists(marker):
         open(marker, "w").close()
         if mode == "die":
             os._exit(1)  # committed, not answered
         error = "OperationalError('the connection was lost during COMMIT')"
-    answer(answers, batch_id, error)
+    answer(answers, batch_id, error, refused)
 
 
 writer._answer = _fail_once

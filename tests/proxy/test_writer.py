@@ -172,8 +172,9 @@ def test_a_batch_the_database_refuses_fails_whole_and_the_recorder_writes_the_re
     async def scenario():
         writer = ProcessWriter(url_of(engine))
         try:
-            with pytest.raises(WriteFailed):
+            with pytest.raises(WriteFailed) as failed:
                 await writer.write(time_ordered_id("ub_"), [entry(account.id), bad])
+            assert failed.value.refused  # a constraint: sending it again would not help
             assert money_state(engine, account.id)[1] == 3 * HELD  # rolled back: nothing released
             recorder = UsageRecorder(writer, owner=OWNER)
             recorder.start()
@@ -268,7 +269,7 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
         async def write(self, batch_id: str, items: list) -> None:
             self.sent.append(len(items))
             if len(items) > 1:
-                raise WriteFailed("refused")
+                raise WriteFailed("refused", refused=True)
             raise RuntimeError("the writer was lost")
 
     async def scenario():
@@ -282,7 +283,7 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
         await recorder.stop()
         return writer.sent
 
-    assert asyncio.run(scenario()) == [3, 3, 1]  # the batch twice under its id, then the first item only
+    assert asyncio.run(scenario()) == [3, 1]  # the batch (refused), then the first item only
 
 
 def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_account, engine):
@@ -348,3 +349,78 @@ def test_a_flush_under_steady_traffic_ends_with_the_next_batch():
         assert took < 1.0, f"the flush waited {took:.1f} s"
 
     asyncio.run(scenario())
+
+
+class _FailingWriter(_Writer):
+    """Fails each batch it is sent `failures` times as the database does when it is away
+    (forever if None), and refuses any batch holding an item of `refused_ids`."""
+
+    def __init__(self, failures: int | None, refused_ids: frozenset = frozenset()):
+        self.failures, self.refused_ids = failures, refused_ids
+        self.sent: list[tuple[str, int]] = []
+        self.written: list[str] = []
+
+    async def write(self, batch_id: str, items: list) -> None:
+        self.sent.append((batch_id, len(items)))
+        if any(item.id in self.refused_ids for item in items):
+            raise WriteFailed("IntegrityError('refused')", refused=True)
+        if self.failures is None or sum(sent == batch_id for sent, _ in self.sent) <= self.failures:
+            raise WriteFailed("OperationalError('the server closed the connection')")
+        self.written += [item.id for item in items]
+
+
+def _recorded(writer: _Writer, items: list, **patience) -> UsageRecorder:
+    async def scenario():
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        for item in items:
+            recorder.record(item)
+        await recorder.stop()
+        return recorder
+
+    return asyncio.run(scenario())
+
+
+def test_a_batch_goes_again_under_its_id_while_the_database_is_away(monkeypatch):
+    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.2)
+    items = [entry(1) for _ in range(3)]
+    writer = _FailingWriter(failures=6)  # more than the old five tries per item allowed
+    recorder = _recorded(writer, items)
+    assert writer.written == [item.id for item in items]  # nothing given up, nothing split
+    assert len({batch_id for batch_id, _ in writer.sent}) == 1 and len(writer.sent) == 7
+    assert recorder.health() == "ok"
+
+
+def test_what_the_database_refuses_is_given_up_at_once_and_the_rest_written():
+    items = [entry(1) for _ in range(3)]
+    writer = _FailingWriter(failures=0, refused_ids=frozenset({items[1].id}))
+    recorder = _recorded(writer, items)
+    assert writer.written == [items[0].id, items[2].id]
+    # The batch once, then each item once under its own id: a refusal is not tried again.
+    assert [size for _, size in writer.sent] == [3, 1, 1, 1]
+    assert recorder.health().startswith("failing:")
+
+
+def test_at_stop_a_batch_the_database_keeps_failing_is_given_up_in_time(monkeypatch, caplog):
+    monkeypatch.setattr("app.proxy.recorder.STOP_PATIENCE", 0.5)
+    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.1)
+    writer = _FailingWriter(failures=None)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        _recorded(writer, [entry(1)])
+    assert time.monotonic() - started < 3 and writer.written == []
+    assert "given up at stop" in caplog.text
+
+
+def test_the_child_tells_an_unreachable_database_from_a_refusal():
+    async def scenario():
+        writer = ProcessWriter("postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+        try:
+            with pytest.raises(WriteFailed) as failed:
+                await writer.write(time_ordered_id("ub_"), [entry(1)])
+        finally:
+            await writer.close()
+        return failed.value
+
+    failure = asyncio.run(scenario())
+    assert not failure.refused and "OperationalError" in str(failure)
