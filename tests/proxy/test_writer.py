@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -424,3 +425,57 @@ def test_the_child_tells_an_unreachable_database_from_a_refusal():
 
     failure = asyncio.run(scenario())
     assert not failure.refused and "OperationalError" in str(failure)
+
+
+@pytest.mark.skipif(not os.environ.get("MEDIAGATE_TEST_DATABASE_URL"), reason="a PostgreSQL server to cut off")
+def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_back(make_account, engine,
+                                                                                   monkeypatch):
+    """The writer reaches PostgreSQL through a loopback relay the test cuts and restores."""
+    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.2)
+    account = make_account(balance="1")
+    hold(engine, account.id, 3 * HELD)
+    url = engine.url
+
+    async def scenario():
+        up = False
+        pipes: list[asyncio.StreamWriter] = []
+
+        async def relay(client_reader, client_writer):
+            if not up:
+                client_writer.close()
+                return
+            server_reader, server_writer = await asyncio.open_connection(url.host, url.port or 5432)
+            pipes.extend((client_writer, server_writer))
+
+            async def pipe(reader, writer):
+                with contextlib.suppress(OSError):
+                    while data := await reader.read(65536):
+                        writer.write(data)
+                        await writer.drain()
+                writer.close()
+
+            await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+        server = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        writer = ProcessWriter(url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False))
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        for _ in range(3):
+            recorder.record(entry(account.id))
+        deadline = time.monotonic() + 10
+        while not recorder.health().startswith("failing:") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert recorder.health().startswith("failing:")  # tried, and PostgreSQL is away
+        assert records(engine, account.id) == 0
+        up = True
+        await recorder.flush(timeout=10)
+        await recorder.stop()
+        server.close()
+        for pipe_writer in pipes:
+            pipe_writer.close()
+        return recorder.health()
+
+    assert asyncio.run(scenario()) == "ok"
+    balance = money.from_usd("1") - 3_000
+    assert records(engine, account.id) == 3 and money_state(engine, account.id) == (balance, 0, balance)
