@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 BATCH = 2000
 # While the database is unreachable or failing, a batch goes again after pauses doubling up to this.
 MAX_PAUSE = 5.0
-# At stop, a batch the database keeps failing is given up after this long (seconds); its
-# holds come back when their lease runs out.
-STOP_PATIENCE = 10.0
 INTERVAL = 0.1  # seconds between batches: bounds the transactions per second (each has a fixed cost)
-# A batch's id is kept this long: far longer than a writer takes to send a batch again.
+# A batch's id is kept this long: what lets a batch sent again be recognized as written.
 KEEP_BATCH_IDS = timedelta(hours=1)
+# A batch the database keeps failing is given up after this long (seconds): well within
+# KEEP_BATCH_IDS, so that a batch whose commit went through unreported is still recognized
+# whenever it comes again; at stop, after STOP_PATIENCE. Its holds come back with their lease.
+RESEND_FOR = KEEP_BATCH_IDS.total_seconds() / 2
+STOP_PATIENCE = 10.0
 # Calls waiting this long (seconds) with no batch written meanwhile: the writer is stalled.
 STALLED_AFTER = 60.0
 
@@ -280,8 +282,8 @@ class UsageRecorder:
         return written
 
     async def _send(self, batch_id: str, items: list) -> str:
-        """Send `items` under `batch_id` until written, refused, or (at stop) failing for
-        STOP_PATIENCE; raises when the writer can't tell whether it wrote them."""
+        """Send `items` under `batch_id` until written, refused, or failing for RESEND_FOR
+        (STOP_PATIENCE at stop); raises when the writer can't tell whether it wrote them."""
         pause, started = 0.1, time.monotonic()
         while True:
             try:
@@ -290,7 +292,7 @@ class UsageRecorder:
             except WriteFailed as failure:
                 if failure.refused:
                     return _REFUSED
-                if self._stopping and time.monotonic() - started >= STOP_PATIENCE:
+                if time.monotonic() - started >= (STOP_PATIENCE if self._stopping else RESEND_FOR):
                     return _GIVEN_UP
                 log.warning("writing %d usage records failed; trying again in %.1f s", len(items), pause,
                             exc_info=True)
@@ -299,4 +301,4 @@ class UsageRecorder:
                 pause = min(pause * 2, MAX_PAUSE)
 
 
-_WRITTEN, _REFUSED, _GIVEN_UP = "written", "refused by the database", "given up at stop, the database failing"
+_WRITTEN, _REFUSED, _GIVEN_UP = "written", "refused by the database", "given up, the database failing too long"

@@ -410,7 +410,32 @@ def test_at_stop_a_batch_the_database_keeps_failing_is_given_up_in_time(monkeypa
     with caplog.at_level(logging.ERROR):
         _recorded(writer, [entry(1)])
     assert time.monotonic() - started < 3 and writer.written == []
-    assert "given up at stop" in caplog.text
+    assert "the database failing too long" in caplog.text
+
+
+def test_a_batch_is_given_up_before_its_id_could_be_forgotten(monkeypatch, caplog):
+    # Sent again past KEEP_BATCH_IDS, a batch whose commit went through unreported would be
+    # applied twice: it is given up after RESEND_FOR, half that, even while the process runs.
+    from app.proxy import recorder as recorder_module
+
+    assert recorder_module.RESEND_FOR < recorder_module.KEEP_BATCH_IDS.total_seconds()
+    monkeypatch.setattr("app.proxy.recorder.RESEND_FOR", 0.5)
+    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.1)
+    writer = _FailingWriter(failures=None)
+
+    async def scenario():
+        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder.start()
+        recorder.record(entry(1))
+        started = time.monotonic()
+        await recorder.flush(timeout=5)  # returns once the batch is done with: here, given up
+        took = time.monotonic() - started
+        await recorder.stop()
+        return took
+
+    with caplog.at_level(logging.ERROR):
+        assert asyncio.run(scenario()) < 3
+    assert writer.written == [] and "the database failing too long" in caplog.text
 
 
 def test_the_child_tells_an_unreachable_database_from_a_refusal():
