@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -284,8 +285,8 @@ class UsageRecorder:
     async def _send(self, batch_id: str, items: list) -> str:
         """Send `items` under `batch_id` until written, refused, or failing for RESEND_FOR
         (STOP_PATIENCE at stop); raises when the writer can't tell whether it wrote them."""
-        pause, started = 0.1, time.monotonic()
-        while True:
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
                 await self._writer.write(batch_id, items)
                 return _WRITTEN
@@ -294,11 +295,12 @@ class UsageRecorder:
                     return _REFUSED
                 if time.monotonic() - started >= (STOP_PATIENCE if self._stopping else RESEND_FOR):
                     return _GIVEN_UP
+                pause = min(0.1 * 2 ** min(attempt, 10), MAX_PAUSE)
+                # The traceback once: an outage would otherwise log one every few seconds.
                 log.warning("writing %d usage records failed; trying again in %.1f s", len(items), pause,
-                            exc_info=True)
+                            exc_info=attempt == 0)
                 self._failed_at = time.monotonic()
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, MAX_PAUSE)
 
 
 _WRITTEN, _REFUSED, _GIVEN_UP = "written", "refused by the database", "given up, the database failing too long"
