@@ -270,7 +270,8 @@ class UsageBatch(Base):
     """A batch of finished LLM calls the usage writer has settled and recorded.
 
     Its id is written in the batch's own transaction, so a batch sent again (its writer
-    process died before answering) is recognized and not applied twice. Kept an hour.
+    process died before answering, or its commit went through but was reported failed) is
+    recognized and not applied twice. Kept an hour (the recorder resends for half that).
     """
 
     __tablename__ = "usage_batches"

@@ -23,7 +23,9 @@ when the web process is killed outright.
 
 A child that dies is started again and the batch it had is sent again under the
 same id: `recorder.write` applies a batch id once, so a batch committed just
-before the child died is not applied twice.
+before the child died is not applied twice. Each answer says whether the database
+refused the batch (a constraint, a value: sending it again can't help) or failed
+(anything else), which is how the recorder knows to split it or to send it again.
 
 Frames are a 4-byte big-endian length and a pickle, between a process and the
 child it started (pickle is not for anything else).
