@@ -7,6 +7,7 @@
   BENCH_UPSTREAM on each HTTP client, the yardstick for choosing one.
 - `bare_asgi`: the thinnest passthrough there is on this stack: a raw ASGI
   callable on aiohttp, no framework, no key, no metering. The floor.
+- `bare_asgi_pool`: the same floor on mediagate's own client (app/proxy/client.py).
 - `bare_asgi_pyreqwest`: the same floor on pyreqwest, when it is installed.
 """
 
@@ -182,6 +183,25 @@ def bare_asgi():
 
     return _bare_asgi(lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)),
                       lambda session: session.close(), forward)
+
+
+def bare_asgi_pool():
+    """The floor again on mediagate's own client (app/proxy/client.py), which the proxy uses."""
+    from app.proxy.client import Pool
+
+    async def forward(pool, body, send):
+        response = await pool.post(_TARGET, _HEADERS, body)
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": [(b"content-type", response.header(b"content-type"))]})
+        async for chunk in response.iter_chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        response.release()
+        await send({"type": "http.response.body", "body": b""})
+
+    async def close(pool):
+        pool.close()
+
+    return _bare_asgi(lambda: Pool(UPSTREAM, connect_timeout=15, read_timeout=600), close, forward)
 
 
 def bare_asgi_pyreqwest():

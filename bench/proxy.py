@@ -2,18 +2,22 @@
 
     python -m bench.proxy [--seconds 5] [--concurrency 32] [--chunks 20] [--compare-clients]
                           [--driver auto|wrk|aiohttp|all] [--database-url postgresql://user@host/db]
+                          [--workers 1,2]
 
 One run starts, each in its own process under uvicorn with uvloop and httptools:
 the fake upstream (bench/llm_apps.py, a minimal OpenAI chat endpoint) and
 mediagate on a fresh SQLite database (or the PostgreSQL database given, which
-it migrates) with one funded account and key. It then drives each target with
+it migrates) with one funded account and key: once in one web process
+("mediagate", the figure the targets are for) and once for each other count in
+`--workers` ("mediagate x2": two web processes, as the Procfile runs it on two
+CPUs). It then drives each target with
 `--concurrency` clients for `--seconds` per scenario, a non-streaming and a
 streaming chat completion, and prints requests per second, p50 / p99 latency
 and the ratio through mediagate / direct. `--compare-clients` adds a bare
 Starlette passthrough on httpx.AsyncClient and one on aiohttp.ClientSession
 (the measurement the proxy's HTTP client was chosen by), and a raw ASGI
-passthrough on aiohttp (the floor for any gateway on this stack), and on
-pyreqwest when it is installed (the `bench` extra).
+passthrough (the floor for any gateway on this stack) on aiohttp, on mediagate's
+own client (app/proxy/client.py), and on pyreqwest when it is installed.
 
 The load comes from wrk (C, cheap on CPU) or from a Python aiohttp client
 (which takes a core's worth of CPU from the servers, as the Python load
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -66,10 +71,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(app: str, port: int, env: dict, *, factory: bool = False, cwd: Path = ROOT) -> subprocess.Popen:
-    """`app` under uvicorn, run from `cwd` (this checkout unless told)."""
+def serve(app: str, port: int, env: dict, *, factory: bool = False, cwd: Path = ROOT,
+          workers: int = 1) -> subprocess.Popen:
+    """`app` under uvicorn, run from `cwd` (this checkout unless told), in `workers` processes."""
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
             "--http", "httptools", "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     proc = subprocess.Popen(argv + (["--factory"] if factory else []), cwd=cwd, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -82,6 +90,21 @@ def serve(app: str, port: int, env: dict, *, factory: bool = False, cwd: Path = 
             time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"bench: {app} did not start on port {port}")
+
+
+def wait_ready(port: int, workers: int) -> None:
+    """Until mediagate answers `/healthz`: with several processes the socket takes connections
+    before each process has started its app, so ask often enough to reach each one."""
+    deadline, answered = time.monotonic() + 30, 0
+    while answered < 10 * workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: mediagate on port {port} is not healthy")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                answered += response.status == 200
+        except OSError:
+            answered = 0
+            time.sleep(0.1)
 
 
 def stop(procs: list[subprocess.Popen], tmp: Path) -> None:
@@ -202,6 +225,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     parser.add_argument("--compare-clients", action="store_true")
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--workers", default="1,2",
+                        help="mediagate's web processes, one target for each count in this list")
     parser.add_argument("--upstream", choices=tuple(UPSTREAMS), default="starlette",
                         help="the fake upstream: a Starlette app (default) or a bare ASGI callable")
     parser.add_argument("--driver", choices=("auto", "wrk", "aiohttp", "all"), default="auto",
@@ -210,7 +235,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mediagate-bench-"))
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     (tmp / "catalog.toml").write_text(CATALOG.format(upstream=upstream))
     env = {**os.environ, "BENCH_CHUNKS": str(args.chunks), "BENCH_UPSTREAM": upstream,
@@ -221,11 +246,16 @@ def main() -> None:
     else:
         env.pop("MEDIAGATE_DATABASE_URL", None)
     key = prepare_gateway(env)
-    procs = [serve(f"bench.llm_apps:{UPSTREAMS[args.upstream]}", up_port, env, factory=args.upstream == "starlette"),
-             serve("app.main:create_app", gw_port, env, factory=True)]
-    targets = {"direct": (up_port, "", procs[0]), "mediagate": (gw_port, "/llm-api", procs[1])}
+    procs = [serve(f"bench.llm_apps:{UPSTREAMS[args.upstream]}", up_port, env, factory=args.upstream == "starlette")]
+    targets = {"direct": (up_port, "", procs[0])}
+    for workers in sorted({int(n) for n in args.workers.split(",")}):
+        # Each count is a server of its own, on the same database and account.
+        port = free_port()
+        procs.append(serve("app.main:create_app", port, env, factory=True, workers=workers))
+        wait_ready(port, workers)
+        targets["mediagate" if workers == 1 else f"mediagate x{workers}"] = (port, "/llm-api", procs[-1])
     if args.compare_clients:
-        names = ["httpx", "aiohttp", "asgi"]
+        names = ["httpx", "aiohttp", "asgi", "asgi_pool"]
         if importlib.util.find_spec("pyreqwest") is not None:
             names.append("asgi_pyreqwest")
         else:

@@ -15,11 +15,10 @@ import asyncio
 import logging
 import time
 
-import aiohttp
-
 from app.errors import APIError
 from app.proxy import upstream
 from app.proxy.calls import Call
+from app.proxy.client import Response, UpstreamError
 from app.proxy.gateway import LLMGateway
 from app.proxy.recorder import Entry
 from app.proxy.usage import cost, from_body, meter_for, normalize
@@ -74,25 +73,25 @@ class ProxyResponse:
 
     async def _forward(self, scope, receive, send) -> None:
         call = self.call
-        session = self.gateway.session(call.model.provider)
+        pool = self.gateway.pool(call.model.provider)
         response = None
         try:
-            response = await session.post(call.url, data=call.body, headers=call.headers)
+            response = await pool.post(call.url, call.headers, call.body)
             self.status = response.status
             headers = upstream.response_headers(response.raw_headers, call.id)
             if call.stream and 200 <= response.status < 300 and (
-                    call.api == "gemini" or b"event-stream" in response.headers.get("content-type", "").encode()):
+                    call.api == "gemini" or b"event-stream" in (response.header(b"content-type") or b"")):
                 await self._stream(response, headers, send)
             else:
                 body = await response.read()
                 await self._whole(response.status, headers, body, send)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError) as exc:
             if self.started:
                 # A server that raises on sending to a client who left (ASGI 2.4): a disconnect.
                 self.disconnected = not self.done
                 return
             # Nothing was sent yet: answer with the gateway's own error, in the client's format.
-            timed_out = isinstance(exc, asyncio.TimeoutError)
+            timed_out = isinstance(exc, TimeoutError)
             log.warning("upstream %s for %s failed before answering: %r", call.model.provider.name, call.id, exc)
             self.status = None
             error = APIError(504 if timed_out else 502,
@@ -118,7 +117,7 @@ class ProxyResponse:
         self.done = True
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, response: aiohttp.ClientResponse, headers: list, send) -> None:
+    async def _stream(self, response: Response, headers: list, send) -> None:
         call = self.call
         meter = meter_for(call.api, strip=call.strip_usage, sse=call.sse)
         strip = call.strip_usage
@@ -126,7 +125,7 @@ class ProxyResponse:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         message = {"type": "http.response.body", "body": b"", "more_body": True}
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.iter_chunks():
                 if self.ttfb is None:
                     self.ttfb = time.perf_counter()
                 if strip:
@@ -137,7 +136,7 @@ class ProxyResponse:
                 await send(message)  # first to the client, then to the meter
                 if not strip:
                     meter.feed(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except UpstreamError as exc:
             # The upstream broke off mid-stream. Charge what it reported so far, and end the
             # client's response the same way (without its last chunk), so its SDK raises too.
             log.warning("upstream %s broke off the stream of %s: %r", call.model.provider.name, call.id, exc)

@@ -1,17 +1,16 @@
 """The LLM passthrough's long-lived parts: one connection pool per upstream, and the usage recorder.
 
 Made and closed by the app's lifespan; handlers reach it as `app.state.llm`.
-aiohttp's client serves the hot path: measured against httpx.AsyncClient on
-this machine (see bench/proxy.py and the README) it passed several times the
-requests per second through the same Starlette handler.
+The pools are app.proxy.client's, chosen by measurement (bench/proxy.py and the
+README): on the same raw passthrough they served about twice the requests per
+second of aiohttp's client, which served several times httpx's.
 """
 
 from __future__ import annotations
 
-import aiohttp
-
 from app.catalog import Catalog, CatalogError, Provider
 from app.db import make_engine
+from app.proxy.client import Pool
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import UsageRecorder
 from app.proxy.writer import ProcessWriter
@@ -43,32 +42,25 @@ class LLMGateway:
         # Settlements and usage records are written by a child process (app.proxy.writer).
         self.recorder = UsageRecorder(ProcessWriter(database_url))
         self.holds = HoldPool(self.engine, self.recorder)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._pools: dict[str, Pool] = {}
 
     async def start(self) -> None:
         for model in self.catalog.of_api(*LLM_APIS):
             provider = model.provider
-            if provider.name not in self._sessions:
-                self._sessions[provider.name] = _session(provider)
+            if provider.name not in self._pools:
+                # No cookies are kept or sent: a pool serves every account's calls.
+                self._pools[provider.name] = Pool(provider.base_url, connect_timeout=CONNECT_TIMEOUT,
+                                                  read_timeout=provider.timeout or READ_TIMEOUT)
         self.recorder.start()
         self.holds.start()
 
-    def session(self, provider: Provider) -> aiohttp.ClientSession:
-        return self._sessions[provider.name]
+    def pool(self, provider: Provider) -> Pool:
+        return self._pools[provider.name]
 
     async def stop(self) -> None:
         await self.holds.stop()  # hands back what the pools hold, through the recorder
         await self.recorder.stop()
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
         self.engine.dispose()
-
-
-def _session(provider: Provider) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=provider.timeout or READ_TIMEOUT)
-    # No cookie jar: the session is shared by every account's calls, so a provider's cookie
-    # must not be stored, let alone sent with someone else's request.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, raise_for_status=False,
-                                 cookie_jar=aiohttp.DummyCookieJar())

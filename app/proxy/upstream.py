@@ -13,7 +13,7 @@ from app.catalog import Provider
 ANTHROPIC_VERSION = "2023-06-01"  # sent when the client sends none (curl, some agents)
 
 # Not forwarded upstream: hop-by-hop headers, the client's credentials, what
-# aiohttp sets itself, and headers that name the client's own provider account.
+# the client sets itself (host, framing), and headers that name the client's own provider account.
 _DROP_REQUEST = frozenset({
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect", "cookie",

@@ -135,22 +135,23 @@ def test_response_headers_kept_and_dropped(base, account):
     assert "anthropic-organization-id" not in anthropic.headers
 
 
-def test_the_shared_upstream_session_keeps_no_cookies(llm_upstream):
+def test_the_shared_upstream_pool_keeps_no_cookies(llm_upstream):
     """One account's upstream cookie (the fake sets one) must never go out with another's call."""
-    from app.catalog import Provider
-    from app.proxy.gateway import _session
+    from app.proxy.client import Pool
     from tests.conftest import LLM_PORT
 
     # By name, not by IP: a cookie jar ignores cookies from IP addresses anyway.
-    provider = Provider("cookies", "openai", f"http://localhost:{LLM_PORT}/v1", "k")
+    base_url = f"http://localhost:{LLM_PORT}/v1"
 
     async def two_calls():
-        session = _session(provider)
+        pool = Pool(base_url, connect_timeout=5, read_timeout=5)
         for text in ("one", "two"):
-            async with session.post(provider.base_url + "/chat/completions", json=chat(text)) as response:
-                assert response.headers["set-cookie"].startswith("__cf_bm=")
-                await response.read()
-        await session.close()
+            response = await pool.post(base_url + "/chat/completions", {"content-type": "application/json"},
+                                       json.dumps(chat(text)).encode())
+            assert response.header(b"set-cookie").startswith(b"__cf_bm=")
+            await response.read()
+            response.release()
+        pool.close()
 
     asyncio.run(two_calls())
     assert "cookie" not in llm_upstream.last("/chat/completions")["headers"]

@@ -290,13 +290,18 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
 def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_account, engine):
     from starlette.testclient import TestClient
 
+    from dataclasses import replace
+
     from app.main import create_app
     from app.models import ApiKey
+    from app.settings import get_settings
     from tests.proxy.conftest import usage_rows
 
     account = make_account()
     call = {"model": "gpt-4o", "messages": [{"role": "user", "content": "[in:7] [out:3]"}]}
-    with TestClient(create_app()) as client:  # a process of its own: its failure can't spill into other tests
+    # The key must stay cached from the first call to the second, however slow the machine.
+    settings = replace(get_settings(), key_cache_seconds=60.0)
+    with TestClient(create_app(settings)) as client:  # an app of its own: its failure can't spill into other tests
         assert client.post("/v1/chat/completions", headers=account.headers, json=call).status_code == 200
         usage_rows(engine, account.id)
         assert client.get("/healthz").json()["usage_writer"] == "ok"
