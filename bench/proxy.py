@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     parser.add_argument("--compare-clients", action="store_true")
     parser.add_argument("--database-url", default=None)
-    parser.add_argument("--workers", default="1,2",
+    parser.add_argument("--workers", default="1",
                         help="mediagate's web processes, one target for each count in this list")
     parser.add_argument("--upstream", choices=tuple(UPSTREAMS), default="starlette",
                         help="the fake upstream: a Starlette app (default) or a bare ASGI callable")

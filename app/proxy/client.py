@@ -13,8 +13,9 @@ chunked, read-until-close). What is here is what a proxy needs and no more:
   arrives (de-chunked, so a stream's bytes are what the upstream sent);
 - a connection goes back to the pool only after a complete response that allows
   keep-alive; anything else (a half-read body, an error, a cancelled call) closes it;
-- a reused connection the upstream closed while idle is retried once on a new
-  one, if not a byte of the answer came back (what browsers do);
+- a reused connection the upstream closed as the request went out is retried once
+  on a new one, if not a byte of the answer came back (what browsers do) and the
+  close came within a second;
 - timeouts: to connect, and between two reads of the answer (not while the
   gateway itself is slow to take what was read: reading is paused then);
 - TLS with the system's trust store, SNI and ALPN http/1.1.
@@ -37,6 +38,10 @@ HIGH_WATER = 256 * 1024
 # An idle connection older than this is closed rather than reused: upstreams close idle
 # connections after a while, and reusing one they are closing costs a retry.
 KEEPALIVE = 30.0
+# A reused connection closed this soon after the request went out, with no byte back, crossed
+# the upstream's idle close: the request is sent again. Later, the upstream may have begun the
+# work, and the call fails instead of risking it twice.
+STALE_WITHIN = 1.0
 
 
 class UpstreamError(Exception):
@@ -76,7 +81,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.waiter: asyncio.Future | None = None
         self.paused = False
-        self.last_read = 0.0
+        self.last_read = self.sent_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self._framed = False  # content-length or chunked: the end of the body is in the bytes
 
@@ -103,7 +108,7 @@ class _Connection(asyncio.Protocol):
         if self.head_done and not self.complete and not self._framed and self.error is None and exc is None:
             self.on_message_complete()  # a body delimited by the close
         elif not self.complete:
-            if not self.received and self.used:
+            if not self.received and self.used and self.pool.loop.time() - self.sent_at < STALE_WITHIN:
                 self._fail(_Stale("the upstream closed a kept-alive connection"))
             else:
                 self._fail(UpstreamError("the upstream closed the connection before the answer was complete"
@@ -183,7 +188,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes, read_timeout: float | None) -> None:
         self.in_use = True
-        self.last_read = self.pool.loop.time()
+        self.last_read = self.sent_at = self.pool.loop.time()
         if read_timeout:
             self.timer = self.pool.loop.call_at(self.last_read + read_timeout, self._check_silence, read_timeout)
         self.transport.write(head + body if len(body) < 65536 else head)
@@ -234,9 +239,13 @@ class Response:
 
     async def read(self) -> bytes:
         conn = self._conn
-        while not conn.complete:
+        parts = []
+        while True:
+            if conn.chunks:
+                parts.append(conn.take())  # taking resumes reading, were it paused
+            if conn.complete:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             await conn.wait()
-        return conn.take()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: each piece is everything read since the last."""

@@ -184,6 +184,28 @@ def test_a_kept_alive_connection_closed_while_idle_is_sent_again():
     assert [request[-7:] for request in server.requests] == [b'{"q":1}', b'{"q":2}', b'{"q":2}']
 
 
+def test_a_reused_connection_closed_late_is_not_sent_again(monkeypatch):
+    """Closed well after the request went out, the upstream may have begun the work: no resend."""
+    monkeypatch.setattr("app.proxy.client.STALE_WITHIN", 0.1)
+
+    async def handler(server, reader, writer, n):
+        await server.read_request(reader)
+        writer.write(OK)
+        await server.read_request(reader)
+        await asyncio.sleep(0.3)
+
+    async def scenario(pool, server):
+        response = await post(pool, server)
+        await response.read()
+        response.release()
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await post(pool, server, b'{"q":2}')
+        return server
+
+    server = run(handler, scenario)
+    assert (server.connections, len(server.requests)) == (1, 2)
+
+
 def test_a_new_connection_closed_without_an_answer_is_not_sent_again():
     async def handler(server, reader, writer, n):
         await server.read_request(reader)  # then closes without a word
@@ -280,6 +302,21 @@ def test_reading_pauses_while_the_gateway_is_behind_and_that_silence_is_not_a_ti
     assert paused
     assert HIGH_WATER < buffered < 4 * HIGH_WATER  # not the whole 4 MiB
     assert total == size
+
+
+def test_a_body_larger_than_the_buffer_is_read_whole():
+    size = 3 * 2**20
+
+    async def handler(server, reader, writer, n):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(range(256)) * (size // 256))
+
+    async def scenario(pool, server):
+        response = await post(pool, server)
+        await asyncio.sleep(0.2)  # so reading pauses before read() starts
+        return await asyncio.wait_for(response.read(), 5)
+
+    assert run(handler, scenario) == bytes(range(256)) * (size // 256)
 
 
 def test_interim_answers_are_skipped():
