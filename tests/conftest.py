@@ -171,6 +171,35 @@ output_per_mtok = "2.50"
 cached_input_per_mtok = "0.075"
 max_output_tokens = 65536
 
+# The LLM fake again, with a short read timeout: for silences before and during an answer.
+[providers.llm-slow-openai]
+format = "openai"
+base_url = "{LLM_UPSTREAM}/openai/v1"
+api_key = "sk-upstream-llm-openai"
+timeout = 0.5
+
+[providers.llm-slow-anthropic]
+format = "anthropic"
+base_url = "{LLM_UPSTREAM}/anthropic"
+api_key = "sk-ant-upstream"
+timeout = 0.5
+
+[[models]]
+name = "slow-chat"
+provider = "llm-slow-openai"
+upstream_model = "gpt-4o"
+api = "chat"
+input_per_mtok = "1.00"
+output_per_mtok = "1.00"
+
+[[models]]
+name = "slow-claude"
+provider = "llm-slow-anthropic"
+upstream_model = "claude-sonnet-4-6"
+api = "messages"
+input_per_mtok = "1.00"
+output_per_mtok = "1.00"
+
 # An upstream that refuses connections (nothing listens on port 9).
 [providers.llm-down]
 format = "openai"

@@ -165,3 +165,39 @@ def test_unexpected_failure_is_500_in_the_family_shape(base, account, monkeypatc
                            500, "api_error")
     assert_gemini_error(httpx.post(base + "/v1beta/models/gemini-2.5-flash:generateContent",
                                    headers=account.headers, json=GEMINI), 500, "INTERNAL")
+
+
+def test_an_upstream_silent_past_its_timeout_is_504_and_costs_nothing(base, make_account, engine, llm_upstream):
+    """`slow-chat`'s provider has `timeout = 0.5`: an upstream that says nothing for longer is given up."""
+    account = make_account()
+    name = f"silent-{account.id}"
+    response = httpx.post(base + "/v1/chat/completions", headers=account.headers, timeout=10,
+                          json={"model": "slow-chat", "messages": [{"role": "user", "content": f"hi [wait:3000] [tag:{name}]"}]})
+    assert_openai_error(response, 504, "upstream_timeout")
+    assert llm_upstream.closed[name].wait(5)  # and the upstream request was closed
+    record = usage_rows(engine, account.id)[0]
+    assert record.upstream_status is None and record.cost == 0 and not record.usage_reported
+    balance, _, ledger = money_state(engine, account.id)
+    assert balance == ledger == 10 * 10**9
+
+
+def test_silence_mid_stream_ends_the_stream_and_charges_what_was_reported(base, make_account, engine,
+                                                                         llm_upstream):
+    account = make_account()
+    name = f"stalled-{account.id}"
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError):  # the client sees the stream break off
+        with httpx.stream("POST", base + "/anthropic/v1/messages", headers=account.headers, timeout=10,
+                          json={"model": "slow-claude", "max_tokens": 50, "stream": True, "messages": [
+                              {"role": "user", "content": f"x [in:40] [hang:2] [tag:{name}]"}]}) as response:
+            for chunk in response.iter_raw():
+                got += chunk
+    assert got.count(b"event: content_block_delta") == 2  # what came before the silence came through
+    assert llm_upstream.closed[name].wait(5)
+    record = usage_rows(engine, account.id)[0]
+    # message_start reported 40 input tokens and 1 output token; nothing after.
+    assert (record.upstream_status, record.usage_reported, record.client_disconnected) == (200, True, False)
+    assert (record.input_tokens, record.output_tokens) == (40, 1)
+    assert record.cost == 41 * 1000  # $1 per 1M tokens: 1,000 nano-dollars a token
+    balance, _, ledger = money_state(engine, account.id)
+    assert balance == ledger == 10 * 10**9 - 41_000

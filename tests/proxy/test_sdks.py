@@ -141,7 +141,7 @@ def test_anthropic_on_the_root_messages_route(base, account, engine):
 
 def test_anthropic_models_list(base, account):
     client = anthropic.Anthropic(api_key=account.key, base_url=base + "/anthropic")
-    assert [m.id for m in client.models.list()] == ["claude-sonnet-4-6"]
+    assert [m.id for m in client.models.list()] == ["claude-sonnet-4-6", "slow-claude"]
 
 
 def gemini_client(base, key, version=None) -> genai.Client:
