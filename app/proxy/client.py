@@ -18,7 +18,9 @@ chunked, read-until-close). What is here is what a proxy needs and no more:
   close came within a second;
 - timeouts: to connect, and between two reads of the answer (not while the
   gateway itself is slow to take what was read: reading is paused then);
-- TLS with the system's trust store, SNI and ALPN http/1.1.
+- TLS with the system's trust store, SNI and ALPN http/1.1;
+- identity is asked for; an answer compressed anyway is decoded (gzip, deflate)
+  so the meter can read it, and any other coding is an error.
 
 Errors: `UpstreamError` (connect failed, broke off, not HTTP), and
 `UpstreamTimeout` (a TimeoutError too).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import zlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -84,6 +87,8 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.sent_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self._framed = False  # content-length or chunked: the end of the body is in the bytes
+        self.decoder = None  # for a compressed answer, though only identity was accepted
+        self.received_body = False
 
     # The event loop's side.
     def connection_made(self, transport) -> None:
@@ -124,17 +129,28 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self.headers = []  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             return
-        self.status = status
-        self.head_done = True
         for name, value in self.headers:
             lowered = name.lower()
             if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
                 self._framed = True
+            elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
+                # The gateway asks for identity, so the meter reads what the client gets. An
+                # upstream that compresses anyway is decoded (gzip, deflate) or refused.
+                if value.strip().lower() not in (b"gzip", b"x-gzip", b"deflate"):
+                    self._fail(UpstreamError(f"the upstream answered in content-encoding {value.decode('latin-1')!r}"))
+                    return
+                self.decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip framing
+        self.status = status
+        self.head_done = True
         if status in (204, 304):
             self._framed = True
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.decoder is not None:
+            body = self._decode(body)
+            if not body:
+                return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and not self.closed:
@@ -145,10 +161,29 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if not self.head_done:
             return  # the end of an interim answer
+        if self.decoder is not None:
+            tail = self._decode(None)
+            if tail:
+                self.chunks.append(tail)
+            if self.error is not None:
+                return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # asked later, llhttp has moved on
         self._cancel_timer()
         self._wake()
+
+    def _decode(self, body: bytes | None) -> bytes:
+        """Decompressed `body`, or the rest once the body has ended (None)."""
+        try:
+            if body is None:
+                if self.received_body and not self.decoder.eof:
+                    raise zlib.error("the compressed body ended early")
+                return self.decoder.flush()
+            self.received_body = True
+            return self.decoder.decompress(body)
+        except zlib.error as exc:
+            self._fail(UpstreamError(f"the upstream's compressed answer is broken: {exc}"))
+            return b""
 
     # The reader's side.
     def _wake(self) -> None:

@@ -467,3 +467,38 @@ def test_bytes_on_an_idle_connection_retire_it():
         return server
 
     assert run(handler, scenario).connections == 2
+
+
+def test_a_compressed_answer_is_decoded_and_an_unknown_coding_refused():
+    import gzip
+    import zlib
+
+    events = b"".join(b"data: {\"n\":%d}\n\n" % i for i in range(50))
+    answers = {0: ("gzip", gzip.compress(events)), 1: ("deflate", zlib.compress(events)),
+               2: ("br", b"\x0b\x02\x80hello\x03"), 3: ("gzip", gzip.compress(events)[:-30])}
+
+    async def handler(server, reader, writer, n):
+        await server.read_request(reader)
+        coding, body = answers[n]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: %s\r\ntransfer-encoding: chunked\r\n\r\n" % coding.encode())
+        for start in range(0, len(body), 100):  # in pieces, as a stream comes
+            piece = body[start:start + 100]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario(pool, server):
+        got = []
+        for _ in range(2):
+            response = await post(pool, server)
+            got.append(b"".join([chunk async for chunk in response.iter_chunks()]))
+            response.close()
+        with pytest.raises(UpstreamError, match="content-encoding 'br'"):
+            await post(pool, server)
+        with pytest.raises(UpstreamError, match="compressed answer is broken"):  # at the head or on reading
+            await (await post(pool, server)).read()
+        return got
+
+    assert run(handler, scenario) == [events, events]
