@@ -332,20 +332,25 @@ class Pool:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         head = self._head(url, headers, len(body))
-        for _ in range(2):
-            conn = self._take_idle() or await self._connect()
-            try:
-                conn.send(head, body, self.read_timeout)
-                while not conn.head_done:
-                    await conn.wait()
-            except _Stale:
-                continue  # not a byte came back on a reused connection: send it again on a new one
-            except BaseException:
-                conn.close()
-                raise
-            conn.used = True
-            return Response(conn)
-        raise UpstreamError("the upstream closed two connections in a row before answering")
+        conn = self._take_idle() or await self._connect()
+        try:
+            return await self._exchange(conn, head, body)
+        except _Stale:
+            # Not a byte came back on a reused connection: send it again on a new one. The
+            # others idle as long may be closing too.
+            self.close()
+            return await self._exchange(await self._connect(), head, body)
+
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+        try:
+            conn.send(head, body, self.read_timeout)
+            while not conn.head_done:
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        conn.used = True
+        return Response(conn)
 
     def _head(self, url: str, headers: dict[str, str], length: int) -> bytes:
         if not url.startswith(self._origin):
