@@ -42,8 +42,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import aiohttp
-
 from bench.common import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +147,8 @@ def prepare_gateway(env: dict) -> str:
 
 
 async def drive(url: str, headers: dict, body: bytes, stream: bool, seconds: float, concurrency: int) -> dict:
+    import aiohttp  # the `bench` extra; wrk-only runs (and bench.compare) go without it
+
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=0)
