@@ -103,7 +103,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         state.celery = make_celery(settings)
         state.relay = Relay(dispatch_waker(state.celery))
         state.relay.start()
-        state.llm = LLMGateway(settings.database_url, offered)  # upstream pools, holds, usage recorder
+        state.llm = LLMGateway(settings.database_url, offered, https_proxy=settings.https_proxy,
+                               no_proxy=settings.no_proxy)  # upstream pools, holds, usage recorder
         await state.llm.start()
         flusher = asyncio.create_task(_flush_key_use(app))
         with _tuned_gc():

@@ -58,6 +58,10 @@ class Settings:
     # Signs dashboard session cookies. Unset: a random key kept in data_dir/secret_key
     # (shared by the processes on one machine); set it when web processes run on several hosts.
     secret_key: str | None = field(default=None, repr=False)
+    # The egress proxy of the LLM passthrough's https upstreams, from the variables the image
+    # workers' httpx reads too: HTTPS_PROXY, and NO_PROXY for the hosts reached directly.
+    https_proxy: str | None = field(default=None, repr=False)  # may hold a password
+    no_proxy: str = ""
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -96,6 +100,8 @@ class Settings:
             allow_private_urls=_bool(env.get("MEDIAGATE_ALLOW_PRIVATE_URLS")),
             key_cache_seconds=float(env.get("MEDIAGATE_KEY_CACHE_SECONDS") or 5.0),
             secret_key=env.get("MEDIAGATE_SECRET_KEY") or None,
+            https_proxy=env.get("HTTPS_PROXY") or env.get("https_proxy") or None,
+            no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "",
             env=env,
         )
 

@@ -18,7 +18,8 @@ chunked, read-until-close). What is here is what a proxy needs and no more:
   close came within a second;
 - timeouts: to connect, and between two reads of the answer (not while the
   gateway itself is slow to take what was read: reading is paused then);
-- TLS with the system's trust store, SNI and ALPN http/1.1;
+- TLS with the system's trust store, SNI and ALPN http/1.1, directly or through
+  an egress proxy's CONNECT tunnel (app/proxy/egress.py);
 - identity is asked for; an answer compressed anyway is decoded (gzip, deflate)
   so the meter can read it, and any other coding is an error.
 
@@ -35,6 +36,8 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
+
+from app.proxy.egress import EgressProxy
 
 # Buffered and not yet taken by the gateway: above this, stop reading from the upstream.
 HIGH_WATER = 256 * 1024
@@ -309,20 +312,23 @@ class Pool:
     """Keep-alive connections to one upstream origin (`base_url`'s scheme, host and port)."""
 
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float | None,
-                 ssl_context: ssl.SSLContext | None = None, keepalive: float = KEEPALIVE):
+                 ssl_context: ssl.SSLContext | None = None, keepalive: float = KEEPALIVE,
+                 proxy: str | None = None):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
-        self.https = parts.scheme == "https"
+        https = parts.scheme == "https"
         self.host = parts.hostname
-        self.port = parts.port or (443 if self.https else 80)
-        default = 443 if self.https else 80
+        self.port = parts.port or (443 if https else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.authority = host if self.port == default else f"{host}:{self.port}"
+        self.authority = host if self.port == (443 if https else 80) else f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
-        self.ssl = (ssl_context or _default_ssl()) if self.https else None
+        self.ssl = (ssl_context or _default_ssl()) if https else None
+        self.proxy = EgressProxy(proxy, f"{host}:{self.port}") if proxy else None
+        if self.proxy and not https:
+            raise ValueError("an egress proxy is used for https upstreams only")
         self._idle: list[_Connection] = []  # the newest last
         self.loop: asyncio.AbstractEventLoop | None = None
         self._origin = f"{parts.scheme}://{parts.netloc}"
@@ -390,6 +396,10 @@ class Pool:
     async def _connect(self) -> _Connection:
         try:
             async with asyncio.timeout(self.connect_timeout):
+                if self.proxy is not None:
+                    conn = _Connection(self)
+                    conn.transport = await self.proxy.connect(self.loop, conn, self.ssl, self.host)
+                    return conn
                 _, conn = await self.loop.create_connection(
                     lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)

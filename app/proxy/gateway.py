@@ -11,6 +11,7 @@ from __future__ import annotations
 from app.catalog import Catalog, CatalogError, Provider
 from app.db import make_engine
 from app.proxy.client import Pool
+from app.proxy.egress import proxy_for
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import UsageRecorder
 from app.proxy.writer import ProcessWriter
@@ -23,6 +24,19 @@ CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 600.0
 
 
+def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict[str, Pool]:
+    """A connection pool for each provider of an LLM model, by provider name. No cookies are
+    kept or sent: a pool serves every account's calls."""
+    pools: dict[str, Pool] = {}
+    for model in catalog.of_api(*LLM_APIS):
+        provider = model.provider
+        if provider.name not in pools:
+            pools[provider.name] = Pool(
+                provider.base_url, connect_timeout=CONNECT_TIMEOUT, read_timeout=provider.timeout or READ_TIMEOUT,
+                proxy=proxy_for(provider.base_url, https_proxy, no_proxy))
+    return pools
+
+
 def check(catalog: Catalog) -> None:
     """Each LLM model's provider must speak its route's format."""
     for model in catalog.of_api(*LLM_APIS):
@@ -33,9 +47,10 @@ def check(catalog: Catalog) -> None:
 
 
 class LLMGateway:
-    def __init__(self, database_url: str, catalog: Catalog):
+    def __init__(self, database_url: str, catalog: Catalog, *, https_proxy: str | None = None, no_proxy: str = ""):
         check(catalog)
         self.catalog = catalog
+        self.https_proxy, self.no_proxy = https_proxy, no_proxy
         # Hold top-ups and renewals run as sync transactions in a worker thread: one thread
         # hop per transaction instead of one per statement (measured 3x cheaper on SQLite).
         self.engine = make_engine(database_url, pool_size=2)
@@ -45,12 +60,7 @@ class LLMGateway:
         self._pools: dict[str, Pool] = {}
 
     async def start(self) -> None:
-        for model in self.catalog.of_api(*LLM_APIS):
-            provider = model.provider
-            if provider.name not in self._pools:
-                # No cookies are kept or sent: a pool serves every account's calls.
-                self._pools[provider.name] = Pool(provider.base_url, connect_timeout=CONNECT_TIMEOUT,
-                                                  read_timeout=provider.timeout or READ_TIMEOUT)
+        self._pools = make_pools(self.catalog, self.https_proxy, self.no_proxy)
         self.recorder.start()
         self.holds.start()
 

@@ -502,3 +502,61 @@ def test_a_compressed_answer_is_decoded_and_an_unknown_coding_refused():
         return got
 
     assert run(handler, scenario) == [events, events]
+
+
+def test_https_through_an_egress_proxys_tunnel():
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    connects: list[bytes] = []
+
+    async def egress(reader, writer):
+        """A CONNECT proxy: refuses what it doesn't know, else pipes bytes both ways."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        connects.append(head)
+        if b"proxy-authorization: Basic dTpwIHc=" not in head:  # u:p w
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            writer.close()
+            return
+        target_port = int(head.split(b" ")[1].rsplit(b":", 1)[1])
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(src, dst):
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def main():
+        server = Server(answer_ok_forever)
+        upstream = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_context)
+        proxy = await asyncio.start_server(egress, "127.0.0.1", 0)
+        port, proxy_port = upstream.sockets[0].getsockname()[1], proxy.sockets[0].getsockname()[1]
+        base = f"https://localhost:{port}/v1"
+        async with upstream, proxy:
+            pool = Pool(base, connect_timeout=5, read_timeout=5, ssl_context=client_context,
+                        proxy=f"http://u:p%20w@127.0.0.1:{proxy_port}")
+            for _ in range(2):
+                response = await pool.post(base + "/chat/completions", {}, b"{}")
+                assert (response.status, await response.read()) == (200, b'{"ok":true}')
+                response.release()
+            pool.close()
+            refused = Pool(base, connect_timeout=5, read_timeout=5, ssl_context=client_context,
+                           proxy=f"http://127.0.0.1:{proxy_port}")
+            with pytest.raises(UpstreamError, match="refused the tunnel .* 407"):
+                await refused.post(base + "/chat/completions", {}, b"{}")
+        return server, port
+
+    server, port = asyncio.run(main())
+    assert connects[0].startswith(b"CONNECT localhost:%d HTTP/1.1\r\nhost: localhost:%d\r\n" % (port, port))
+    assert len(connects) == 2  # the two calls shared one tunnel; the refused pool asked once
+    assert (server.connections, len(server.requests)) == (1, 2)
+    with pytest.raises(ValueError, match="https upstreams only"):
+        Pool("http://127.0.0.1:1/v1", connect_timeout=1, read_timeout=1, proxy="http://127.0.0.1:2")

@@ -183,3 +183,4 @@ def test_upstream_errors_pass_through_untouched_and_cost_nothing(base, make_acco
     assert all(r.cost == 0 and not r.usage_reported for r in records)
     balance, _, ledger_sum = money_state(engine, account.id)
     assert balance == ledger_sum == 10 * 10**9
+
