@@ -33,7 +33,8 @@ class EgressProxy:
     def __init__(self, url: str, target: str):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"an egress proxy is an http:// URL, not {url!r}")
+            # Not the URL itself: it may hold a password.
+            raise ValueError(f"HTTPS_PROXY must be an http://host:port URL (a CONNECT proxy), not {parts.scheme}://...")
         self.host, self.port = parts.hostname, parts.port or 80
         self.target = target
         head = f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from app.proxy.egress import proxy_for
+import pytest
+
+from app.proxy.egress import EgressProxy, proxy_for
 from app.settings import Settings
 
 
@@ -70,3 +72,9 @@ output_per_mtok = "1"
                                              b"proxy-authorization: Basic dXNlcjpzZWNyZXQ=\r\n\r\n")
     assert pools["inhouse"].proxy is None and pools["local"].proxy is None
     assert all(pool.proxy is None for pool in make_pools(offered, None, "").values())
+
+
+def test_a_proxy_url_the_gateway_cannot_use_is_refused_without_showing_it():
+    with pytest.raises(ValueError, match="must be an http://host:port URL") as refused:
+        EgressProxy("https://user:hunter2@egress:3128", "api.openai.com:443")
+    assert "hunter2" not in str(refused.value)
