@@ -296,6 +296,17 @@ def fake_images():
 
 
 @pytest.fixture(scope="session")
+def llm_upstream():
+    """The fake OpenAI, Anthropic and Gemini APIs (tests/fakes/llm.py) on LLM_PORT."""
+    from tests.fakes.llm import FakeLLMUpstream
+
+    fake = FakeLLMUpstream()
+    # "critical": the [drop] marker breaks connections on purpose, which uvicorn would log as errors.
+    with ThreadedServer(fake, sock=LLM_SOCKET, log_level="critical", limit_concurrency=2000, backlog=2048):
+        yield fake
+
+
+@pytest.fixture(scope="session")
 def receiver():
     """A webhook receiver on loopback (tests/webhooks/receiver.py)."""
     from tests.webhooks.receiver import Receiver

@@ -79,6 +79,7 @@ async def logout(ctx: Ctx) -> Response:
 
 @page()
 async def overview(ctx: Ctx) -> Response:
+    await ctx.state.llm.written()  # the recent requests include the one just made
     async with ctx.state.engine.connect() as conn:
         data = await conn.run_sync(queries.overview, ctx.account_id, ctx.tz, utcnow())
     chart = charts.daily_spend(data["spend"]["days"], data["spend"]["series"])
@@ -121,6 +122,7 @@ async def revoke_key(ctx: Ctx) -> Response:
 async def usage(ctx: Ctx) -> Response:
     filters, form = queries.usage_filters(ctx.request.query_params, ctx.tz)
     cursor = ctx.request.query_params.get("before") or None
+    await ctx.state.llm.written()
     async with ctx.state.engine.connect() as conn:
         try:
             rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters, cursor=cursor)
@@ -140,6 +142,7 @@ async def usage(ctx: Ctx) -> Response:
 async def usage_csv(ctx: Ctx) -> Response:
     filters, _ = queries.usage_filters(ctx.request.query_params, ctx.tz)
     filename = f"mediagate-usage-{date.today().isoformat()}.csv"
+    await ctx.state.llm.written()
     return StreamingResponse(export.csv_chunks(ctx.state.engine, ctx.account_id, filters),
                              media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})

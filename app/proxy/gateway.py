@@ -22,6 +22,8 @@ CONNECT_TIMEOUT = 15.0
 # Longest silence allowed between two reads from an upstream (a model thinking
 # before its first token); a provider's `timeout` in the catalog overrides it.
 READ_TIMEOUT = 600.0
+# The longest a usage listing waits for this process's unwritten records (a stalled writer).
+LISTING_WAIT = 2.0
 
 
 def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict[str, Pool]:
@@ -66,6 +68,12 @@ class LLMGateway:
 
     def pool(self, provider: Provider) -> Pool:
         return self._pools[provider.name]
+
+    async def written(self) -> None:
+        """Until what this process has answered is written, so a listing made right after a call
+        shows it (a call served by another web process shows within a batch). A stalled writer
+        is waited for `LISTING_WAIT` at most."""
+        await self.recorder.flush(timeout=LISTING_WAIT)
 
     async def stop(self) -> None:
         await self.holds.stop()  # hands back what the pools hold, through the recorder

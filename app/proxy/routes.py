@@ -20,8 +20,6 @@ from app.proxy.forward import ProxyResponse
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
 
 log = logging.getLogger(__name__)
-# The longest a usage listing waits for this process's unwritten records (a stalled writer).
-FLUSH_BEFORE_LISTING = 2.0
 FAMILY_OF_API = {CHAT: OPENAI, RESPONSES: OPENAI, MESSAGES: ANTHROPIC, GEMINI: GEMINI_FAMILY}
 
 
@@ -107,9 +105,7 @@ async def usage(request: Request):
     params = request.query_params
     filters = records.parse_filters(params)
     engine = request.app.state.engine
-    # What this process has served is written first, so a script that makes a call and then
-    # lists its usage sees it; a call served by another web process is there within a batch.
-    await request.app.state.llm.recorder.flush(timeout=FLUSH_BEFORE_LISTING)
+    await request.app.state.llm.written()  # a script that calls and then lists sees its call
     if params.get("format") == "csv":
         cursor = params.get("cursor")
         if cursor:

@@ -181,3 +181,15 @@ def test_overview_in_the_browsers_zone(web, signed_in, engine):
     assert local in page  # rendered in Tokyo time before any script runs
     web.cookies.set("tz", "Not/AZone")
     assert 'id="tz-name">UTC<' in web.get("/dashboard/").text
+
+
+def test_a_call_shows_on_the_dashboard_as_soon_as_it_has_answered(web, signed_in, llm_upstream):
+    """The pages write what their process has served before they read, as GET /v1/usage does."""
+    for n in range(3):
+        call = web.post("/llm-api/v1/chat/completions", headers=signed_in.headers,
+                        json={"model": "gpt-4o", "messages": [{"role": "user", "content": f"call {n}"}]})
+        assert call.status_code == 200
+        record_id = call.headers["x-mediagate-request-id"]
+        assert record_id in _rows(web.get("/dashboard/usage").text)
+        assert record_id in _rows(web.get("/dashboard").text)  # the overview's recent requests
+        assert record_id in {row["id"] for row in _csv(web.get("/dashboard/usage.csv"))}

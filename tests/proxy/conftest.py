@@ -1,4 +1,4 @@
-"""Fixtures for the LLM passthrough: the fake upstreams on LLM_PORT and the gateway on a real loopback port."""
+"""Fixtures for the LLM passthrough: the gateway on a real loopback port (the fake upstream, `llm_upstream`, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import select
 
 from app.models import Account, LedgerEntry, UsageRecord
-from tests.conftest import LLM_SOCKET
 from tests.servers import ThreadedServer
 
 
@@ -33,16 +32,6 @@ def _close_sdk_clients(monkeypatch):
     yield
     for client in made:
         client.close()
-
-
-@pytest.fixture(scope="session")
-def llm_upstream():
-    from tests.fakes.llm import FakeLLMUpstream
-
-    fake = FakeLLMUpstream()
-    # "critical": the [drop] marker breaks connections on purpose, which uvicorn would log as errors.
-    with ThreadedServer(fake, sock=LLM_SOCKET, log_level="critical", limit_concurrency=2000, backlog=2048):
-        yield fake
 
 
 @pytest.fixture(scope="session")
