@@ -296,7 +296,7 @@ class FakeLLMUpstream:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         path = scope["path"]
         self.calls.append({"path": path, "query": scope["query_string"].decode(), "headers": headers,
-                           "body": body})
+                           "body": body, "client": tuple(scope["client"] or ())})
         self.in_flight += 1
         try:
             await self._answer(path, scope["query_string"].decode(), headers, body, receive, send)

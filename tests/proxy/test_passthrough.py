@@ -184,3 +184,15 @@ def test_upstream_errors_pass_through_untouched_and_cost_nothing(base, make_acco
     balance, _, ledger_sum = money_state(engine, account.id)
     assert balance == ledger_sum == 10 * 10**9
 
+
+
+def test_calls_in_a_row_share_one_upstream_connection(base, account, llm_upstream):
+    """The gateway hands each answered connection back to its pool, whole answers and streams
+    alike; calls one after another then reach the upstream on the same connection."""
+    marker = tag()
+    for n in range(6):
+        body = chat(f"call {n} {marker}", stream=n % 2 == 1)
+        response = httpx.post(base + "/v1/chat/completions", headers=account.headers, json=body, timeout=20)
+        assert response.status_code == 200
+    clients = {call["client"] for call in llm_upstream.calls if marker.encode() in call["body"]}
+    assert len(clients) == 1
