@@ -73,6 +73,18 @@ async def post(pool: Pool, server: Server, body: bytes = b'{"q":1}', headers=Non
                            headers or {"content-type": "application/json"}, body)
 
 
+def answer_then_stall(sent: bytes, seconds: float = 5):
+    """A handler that reads the request, sends `sent` (part of an answer, or nothing) and then
+    says nothing for `seconds`."""
+
+    async def handler(server, reader, writer, n):
+        await server.read_request(reader)
+        writer.write(sent)
+        await asyncio.sleep(seconds)
+
+    return handler
+
+
 async def answer_ok_forever(server, reader, writer, n):
     while True:
         await server.read_request(reader)
@@ -219,24 +231,17 @@ def test_a_new_connection_closed_without_an_answer_is_not_sent_again():
 
 
 def test_silence_before_the_head_times_out():
-    async def handler(server, reader, writer, n):
-        await server.read_request(reader)
-        await asyncio.sleep(5)
-
     async def scenario(pool, server):
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout):
             await post(pool, server)
         return asyncio.get_running_loop().time() - started
 
-    assert 0.2 <= run(handler, scenario, read_timeout=0.2) < 2
+    assert 0.2 <= run(answer_then_stall(b""), scenario, read_timeout=0.2) < 2
 
 
 def test_silence_mid_stream_times_out():
-    async def handler(server, reader, writer, n):
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await asyncio.sleep(5)
+    handler = answer_then_stall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
 
     async def scenario(pool, server):
         response = await post(pool, server)
@@ -383,10 +388,7 @@ def test_a_call_cancelled_mid_body_closes_its_connection():
 
 
 def test_a_response_released_before_its_end_is_not_reused():
-    async def handler(server, reader, writer, n):
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
-        await asyncio.sleep(1)
+    handler = answer_then_stall(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345", 1)
 
     async def scenario(pool, server):
         response = await post(pool, server)
