@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -22,6 +24,15 @@ def reserve(port: int = 0) -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", port))
     return sock
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes from one stream to the other until either end closes (loopback relays and proxies)."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
 
 
 class ThreadedServer:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 
 import pytest
 
 from app.proxy.client import HIGH_WATER, Pool, UpstreamError, UpstreamTimeout
+from tests.servers import free_port, pipe
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
 
@@ -256,9 +256,7 @@ def test_silence_mid_stream_times_out():
 
 
 def test_nothing_listening():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening
+    closed_url = f"http://127.0.0.1:{free_port()}"
 
     async def main():
         pool = Pool(closed_url, connect_timeout=2, read_timeout=2)
@@ -526,14 +524,6 @@ def test_https_through_an_egress_proxys_tunnel():
         target_port = int(head.split(b" ")[1].rsplit(b":", 1)[1])
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-        async def pipe(src, dst):
-            with contextlib.suppress(ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def main():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 from app.proxy.recorder import Entry, Release, UsageRecorder, WriteFailed, forget_batches, write
 from app.proxy.writer import ProcessWriter
 from tests.proxy.conftest import money_state, url_of
+from tests.servers import pipe
 
 OWNER = "test-writer"
 HELD = 5_000  # what each call held
@@ -476,14 +476,6 @@ def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_b
                 return
             server_reader, server_writer = await asyncio.open_connection(url.host, url.port or 5432)
             pipes.extend((client_writer, server_writer))
-
-            async def pipe(reader, writer):
-                with contextlib.suppress(OSError):
-                    while data := await reader.read(65536):
-                        writer.write(data)
-                        await writer.drain()
-                writer.close()
-
             await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
 
         server = await asyncio.start_server(relay, "127.0.0.1", 0)
