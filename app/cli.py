@@ -58,10 +58,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from app import serving
+
     settings = get_settings()
+    # First, so that every process started below inherits it: uvicorn's workers, the embedded worker.
+    open_files = serving.raise_open_file_limit()
+    http = serving.http_protocol(serving.limits_for(settings, open_files))
     if not args.no_migrate:
         cmd_migrate(args)
     worker = None
@@ -73,7 +78,8 @@ def cmd_serve(args) -> None:
                                                 "--without-heartbeat"]), preexec_fn=_die_with_parent)
     try:
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    log_level="info", access_log=args.access_log, proxy_headers=True)
+                    log_level="info", access_log=args.access_log, proxy_headers=True,
+                    http=http)  # type: ignore[arg-type]  # a protocol factory: uvicorn calls it like the class
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -83,11 +89,11 @@ def cmd_serve(args) -> None:
                 worker.kill()
 
 
-def cmd_worker(args) -> None:
+def cmd_worker(args: argparse.Namespace) -> None:
     os.execv(sys.executable, _worker_argv(args.celery_args))
 
 
-def cmd_beat(args) -> None:
+def cmd_beat(args: argparse.Namespace) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
                               "--loglevel", "INFO", *args.celery_args])
 
@@ -175,11 +181,13 @@ def parser() -> argparse.ArgumentParser:
                    help="don't apply migrations first (when a release step runs `mediagate migrate`)")
     s.set_defaults(func=cmd_serve)
 
+    # Whatever follows `worker` or `beat` goes to celery as written (main() collects it), so that
+    # `mediagate worker --concurrency 4` works; a leading `--` is allowed and dropped.
     for name, func, text in (("worker", cmd_worker, "run a Celery worker (arguments go to celery)"),
-                             ("beat", cmd_beat, "run the periodic sweep scheduler (celery beat)")):
-        w = sub.add_parser(name, help=text)
-        w.add_argument("celery_args", nargs=argparse.REMAINDER)
-        w.set_defaults(func=func)
+                             ("beat", cmd_beat, "run the periodic sweep scheduler (arguments go to celery beat)")):
+        w = sub.add_parser(name, help=text, allow_abbrev=False,
+                           epilog=f"Other arguments go to `celery {name}`; `mediagate {name} -- --help` shows them.")
+        w.set_defaults(func=func, celery_args=[])
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
 
@@ -214,8 +222,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _celery_args(extra: list[str]) -> list[str]:
+    """The arguments after `worker` / `beat` that are celery's, without a leading `--`."""
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    # parse_known_args keeps the unknown arguments in order: for worker and beat they are celery's
+    # (an argparse REMAINDER positional refuses a first argument that looks like an option, and
+    # keeps a `--`); for every other command they are an error, as parse_args would say.
+    args, extra = p.parse_known_args(argv)
+    if hasattr(args, "celery_args"):  # worker, beat
+        args.celery_args = _celery_args(extra)
+    elif extra:
+        p.error("unrecognized arguments: " + " ".join(extra))
     args.func(args)
 
 

@@ -54,6 +54,9 @@ class Settings:
     # API keys are cached this long in each web process; a revoked key stops
     # working within this many seconds.
     key_cache_seconds: float = 5.0
+    # When a client leaves an LLM call whose answer has begun, the gateway reads the upstream this
+    # long more for its usage (the provider bills the generation); then it charges an estimate.
+    usage_drain_seconds: float = 5.0
     max_reference_bytes: int = 10 * 1024 * 1024
     # Signs dashboard session cookies. Unset: a random key kept in data_dir/secret_key
     # (shared by the processes on one machine); set it when web processes run on several hosts.
@@ -62,6 +65,14 @@ class Settings:
     # workers' httpx reads too: HTTPS_PROXY, and NO_PROXY for the hosts reached directly.
     https_proxy: str | None = field(default=None, repr=False)  # may hold a password
     no_proxy: str = ""
+    # Slow and idle clients (app/serving.py): seconds a client has to send a request's whole
+    # header block, from its first byte (or from connecting), and seconds a request body may go
+    # without a byte while the server reads it.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # Open client connections per web process; past it a new one gets a 503 and is closed. Each
+    # costs a file descriptor (two while it is proxied upstream) and tens of KiB of buffers.
+    max_connections: int = 4096
     env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -99,9 +110,13 @@ class Settings:
             webhook_secret_grace=int(env.get("MEDIAGATE_WEBHOOK_SECRET_GRACE") or 24 * 3600),
             allow_private_urls=_bool(env.get("MEDIAGATE_ALLOW_PRIVATE_URLS")),
             key_cache_seconds=float(env.get("MEDIAGATE_KEY_CACHE_SECONDS") or 5.0),
+            usage_drain_seconds=float(env.get("MEDIAGATE_USAGE_DRAIN_SECONDS") or 5.0),
             secret_key=env.get("MEDIAGATE_SECRET_KEY") or None,
             https_proxy=env.get("HTTPS_PROXY") or env.get("https_proxy") or None,
             no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "",
+            header_timeout=float(env.get("MEDIAGATE_HEADER_TIMEOUT") or 10.0),
+            body_timeout=float(env.get("MEDIAGATE_BODY_TIMEOUT") or 30.0),
+            max_connections=int(env.get("MEDIAGATE_MAX_CONNECTIONS") or 4096),
             env=env,
         )
 

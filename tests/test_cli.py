@@ -1,6 +1,8 @@
-"""The `mediagate` command's account and key management."""
+"""The `mediagate` command: account and key management, and what `worker` and `beat` pass to Celery."""
 
 import json
+import os
+import sys
 import uuid
 
 import pytest
@@ -57,3 +59,25 @@ def test_revoking_by_a_prefix_two_keys_share_is_refused(capsys, engine, make_acc
     run(capsys, "keys", "revoke", first.key)  # the whole key is unambiguous
     with pytest.raises(SystemExit, match="no live key"):
         main(["keys", "revoke", first.key])
+
+
+@pytest.mark.parametrize("argv", [["--concurrency", "4", "-Q", "images"],
+                                  ["--", "--concurrency", "4", "-Q", "images"]])
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_worker_and_beat_pass_their_arguments_to_celery(monkeypatch: pytest.MonkeyPatch, command: str,
+                                                        argv: list[str]) -> None:
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execv", lambda path, args: execs.append(args))  # no Celery is started
+    main([command, *argv])
+    (args,) = execs
+    assert args[:6] == [sys.executable, "-m", "celery", "-A", "workers.celery_app", command]
+    assert args[6:] == ["--loglevel", "INFO", "--concurrency", "4", "-Q", "images"]  # no literal `--`
+    execs.clear()
+    main([command])
+    assert execs == [[sys.executable, "-m", "celery", "-A", "workers.celery_app", command, "--loglevel", "INFO"]]
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--concurrency", "4"])
+    assert exc.value.code == 2 and "unrecognized arguments: --concurrency 4" in capsys.readouterr().err
