@@ -1,11 +1,19 @@
-"""Accounts: create, find, show. Balances change only through app.ledger."""
+"""Accounts: create, find, show, passwords and dashboard sessions. Balances change only through app.ledger.
+
+Dashboard sessions live here, not in app.dashboard, because setting a password must end
+them in the same transaction, and the periodic sweep (workers) cleans them up.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select, update
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
 
 from app import ledger, money
-from app.models import Account, ApiKey, utcnow
+from app.models import Account, ApiKey, DashboardSession, utcnow
 
 
 class AccountError(Exception):
@@ -57,9 +65,65 @@ def show(conn: Connection, account_id: int) -> dict:
 
 
 def set_password_hash(conn: Connection, account_id: int, password_hash: str) -> None:
-    """Store a hash made by app.passwords; sessions made with the old password end."""
+    """Store a hash made by app.passwords; every dashboard session of the account ends with it."""
     conn.execute(update(Account).where(Account.id == account_id).values(password_hash=password_hash))
+    end_sessions(conn, account_id)
 
 
 def set_admin(conn: Connection, account_id: int, is_admin: bool = True) -> None:
     conn.execute(update(Account).where(Account.id == account_id).values(is_admin=is_admin))
+
+
+# -- dashboard sessions ---------------------------------------------------------------------------
+
+def session_id(token: str) -> str:
+    """The row id of the session whose cookie carries `token`: only its SHA-256 is stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def live_session(token: str, now: datetime) -> ColumnElement[bool]:
+    """The condition for the session of `token` to be signed in at `now` (for a query's WHERE)."""
+    return ((DashboardSession.id == session_id(token)) & DashboardSession.revoked_at.is_(None)
+            & (DashboardSession.expires_at > now))
+
+
+def start_session(conn: Connection, account_id: int, lifetime: timedelta, *, replaces: str | None = None) -> str:
+    """A new dashboard session for the account; returns the token for its cookie. The session
+    whose token is `replaces` (signed in before, in the same browser) ends."""
+    if replaces:
+        end_session(conn, replaces)
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    conn.execute(insert(DashboardSession).values(id=session_id(token), account_id=account_id, created_at=now,
+                                                 expires_at=now + lifetime))
+    return token
+
+
+def _end(conn: Connection, *where: ColumnElement[bool]) -> int:
+    now = utcnow()
+    # expires_at moves up to now too: the cleanup then finds finished rows by that column alone.
+    return conn.execute(update(DashboardSession)
+                        .where(*where, DashboardSession.revoked_at.is_(None), DashboardSession.expires_at > now)
+                        .values(revoked_at=now, expires_at=now)).rowcount
+
+
+def end_session(conn: Connection, token: str) -> None:
+    """Sign out: the session of `token` ends (a copy of its cookie opens nothing any more)."""
+    _end(conn, DashboardSession.id == session_id(token))
+
+
+def end_sessions(conn: Connection, account_id: int) -> int:
+    """Sign the account out everywhere; returns how many sessions ended."""
+    return _end(conn, DashboardSession.account_id == account_id)
+
+
+def count_sessions(conn: Connection, account_id: int) -> int:
+    """The account's signed-in dashboard sessions."""
+    return conn.execute(select(func.count()).where(
+        DashboardSession.account_id == account_id, DashboardSession.revoked_at.is_(None),
+        DashboardSession.expires_at > utcnow())).scalar_one()
+
+
+def delete_finished_sessions(conn: Connection, before: datetime) -> int:
+    """Delete sessions that expired or were revoked before `before` (the sweep keeps a day of them)."""
+    return conn.execute(delete(DashboardSession).where(DashboardSession.expires_at < before)).rowcount

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -208,6 +209,8 @@ class WebhookDelivery(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # When POST .../webhooks/redeliver last reset this delivery: redeliveries are spaced by it.
+    redelivered_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class WebhookAttempt(Base):
@@ -237,8 +240,11 @@ class UsageRecord(Base):
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    # False when the upstream reported no usage at all (then nothing is charged).
+    # False when the upstream reported no usage at all.
     usage_reported: Mapped[bool] = mapped_column(Boolean, default=False)
+    # True when the upstream's final usage never came (the client left before it, or the upstream
+    # ended without it) and the call was charged from an estimate of what was streamed.
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     cost: Mapped[int] = mapped_column(Money, default=0)
     upstream_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
@@ -279,3 +285,22 @@ class UsageBatch(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard session. The cookie carries a random token; this row is keyed by
+    its SHA-256, so the table alone (a backup, a leaked dump) opens no session.
+
+    A session works while `expires_at` is in the future and `revoked_at` is unset. Revoking
+    (sign-out, a password change, "sign out everywhere") sets both to the time it happened,
+    so the cleanup in the periodic sweep finds every finished row through one index.
+    """
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (Index("ix_dashboard_sessions_expires_at", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie's token
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

@@ -7,9 +7,10 @@ The API renders amounts as decimal strings with 5 decimals, as the docs do.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
 UNITS_PER_USD = 10**9
+MAX_UNITS = 2**63 - 1  # what the signed 64-bit money columns hold
 _DISPLAY = Decimal("0.00001")
 
 
@@ -19,8 +20,12 @@ def from_usd(value: str | int | Decimal) -> int:
         raise TypeError("money must not be a float; write it as a string")
     try:
         amount = Decimal(str(value)) * UNITS_PER_USD
-    except InvalidOperation as exc:
+    except ArithmeticError as exc:  # InvalidOperation, and Overflow past the exponent's range
         raise ValueError(f"not an amount: {value!r}") from exc
+    if not amount.is_finite():  # Infinity and NaN parse as Decimals, but are no amount
+        raise ValueError(f"not an amount: {value!r}")
+    if abs(amount) > MAX_UNITS:  # also keeps int() off "1e999999999", which would take minutes
+        raise ValueError(f"{value!r} is more than a balance can hold")
     if amount != amount.to_integral_value():
         raise ValueError(f"{value!r} is finer than a nano-dollar")
     return int(amount)

@@ -66,9 +66,3 @@ def verify(password: str, stored: str | None) -> bool:
         _derive(password, b"\0" * 16, N, R, P, DKLEN)
         return False
     return hmac.compare_digest(actual, expected)
-
-
-def fingerprint(stored: str | None) -> str:
-    """A short digest of the stored hash: sessions carry it, so changing a password
-    signs out every session made with the old one."""
-    return hashlib.sha256((stored or "").encode()).hexdigest()[:16]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
-from app import dispatch, ledger
+from sqlalchemy import Engine
+
+from app import accounts, dispatch, ledger
 from app.images import lifecycle
+from app.models import utcnow
 from app.webhooks import service as webhook_service
 from workers import events, generation, webhooks
 from workers.celery_app import DELIVER, DISPATCH, GENERATE, SWEEP, celery, publisher
@@ -44,7 +48,8 @@ def deliver_webhook(delivery_id: str) -> str:
 def sweep() -> dict:
     """Periodic repair: tasks whose worker died, pending tasks whose wake-up was lost,
     webhook deliveries that are due (a retry, a lost wake-up, or a worker that died mid-attempt),
-    and LLM holds of web processes that died (their leases ran out).
+    LLM holds of web processes that died (their leases ran out), and dashboard sessions that ended
+    more than a day ago.
 
     Each step stands alone: one that fails (logged) does not keep the others from running."""
     ctx = get_context()
@@ -63,6 +68,7 @@ def sweep() -> dict:
                                                  stale_after=ctx.settings.redispatch_after))
     step("webhooks", lambda: webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
                                                       stale_after=ctx.settings.redispatch_after))
+    step("sessions", lambda: delete_finished_sessions(ctx.engine))
     if any(report.values()):
         log.info("sweep: %s", report)
     return report
@@ -87,3 +93,10 @@ def release_expired_holds(engine, batches: int = 100) -> int:
         if not released:
             break
     return total
+
+
+def delete_finished_sessions(engine: Engine) -> int:
+    """Delete dashboard sessions that expired or were revoked over a day ago. (A day rather than at
+    once: a sign-out just made can still be looked at; one indexed DELETE, usually of nothing.)"""
+    with engine.begin() as conn:
+        return accounts.delete_finished_sessions(conn, utcnow() - timedelta(days=1))

@@ -8,14 +8,16 @@ gallery with its webhook deliveries, the accounts list).
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta, timezone
+import contextlib
+from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, case, func, select
 
-from app import ledger, pagination
+from app import accounts, ledger, pagination
+from app import params as app_params
 from app.errors import APIError
-from app.models import Account, ApiKey, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
+from app.models import Account, ApiKey, DashboardSession, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
 from app.proxy import records
 
 CHART_DAYS = 30
@@ -29,10 +31,13 @@ def login_account(conn: Connection, email: str) -> tuple[int, str | None] | None
     return (row[0], row[1]) if row else None
 
 
-def session_account(conn: Connection, account_id: int) -> dict | None:
+def session_account(conn: Connection, token: str, now: datetime) -> dict | None:
+    """The account signed in with the session of `token`, or None when that session has ended.
+    One read by primary key: every signed-in page makes it."""
     row = conn.execute(
-        select(Account.id, Account.email, Account.balance, Account.held, Account.is_admin, Account.password_hash)
-        .where(Account.id == account_id)
+        select(Account.id, Account.email, Account.balance, Account.held, Account.is_admin)
+        .join(DashboardSession, DashboardSession.account_id == Account.id)
+        .where(accounts.live_session(token, now))
     ).mappings().first()
     return dict(row) if row else None
 
@@ -96,21 +101,20 @@ def usage_filters(params, tz: ZoneInfo) -> tuple[records.Filters, dict]:
     Returns the filter and the cleaned values to show in the form."""
     form = {"from": "", "to": "", "model": "", "key": ""}
     since = until = None
-    try:
-        if params.get("from"):
-            day = date.fromisoformat(params["from"])
-            since, form["from"] = datetime.combine(day, time(), tz).astimezone(timezone.utc), day.isoformat()
-        if params.get("to"):
-            day = date.fromisoformat(params["to"])
-            until = datetime.combine(day + timedelta(days=1), time(), tz).astimezone(timezone.utc)
-            form["to"] = day.isoformat()
-    except ValueError:
-        pass  # a hand-edited URL with a bad date: show everything rather than an error
-    key_id = None
-    if (params.get("key") or "").isdigit():
-        key_id = int(params["key"])
-        form["key"] = str(key_id)
+    # A hand-edited URL with a bad value: that filter is left out rather than an error shown.
+    with contextlib.suppress(APIError):
+        if len(params.get("from") or "") == 10:
+            since = app_params.moment(params["from"], "from", tz=tz)
+            form["from"] = params["from"]
+    with contextlib.suppress(APIError):
+        if len(params.get("to") or "") == 10:
+            until = app_params.moment(params["to"], "to", end=True, tz=tz)
+            form["to"] = params["to"]
+    key_id = app_params.row_id(params.get("key"))
+    form["key"] = str(key_id) if key_id is not None else ""
     model = (params.get("model") or "").strip()[:100] or None
+    if model is not None and not app_params.is_clean(model):
+        model = None
     form["model"] = model or ""
     return records.Filters(since=since, until=until, model=model, key_id=key_id), form
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -12,7 +12,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app import keys, money, passwords
+from app import accounts, keys, money, params, passwords
 from app.dashboard import charts, export, pricing, queries, sessions, thumbs
 from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
 from app.db import run
@@ -28,6 +28,7 @@ MESSAGES = {  # ?msg= codes: fixed texts, so nothing from a URL is shown as a me
     "revoked": "The key was revoked. Requests with it are refused from now on.",
     "not-revoked": "That key was already revoked.",
     "topup": "The balance was topped up.",
+    "signed-out-everywhere": "Every session of your account was signed out, this one included.",
 }
 
 
@@ -47,32 +48,44 @@ async def login(ctx: Ctx) -> Response:
     if ctx.request.method == "GET":
         if ctx.account is not None:
             return RedirectResponse(target, status_code=303)
-        return ctx.render("login.html", email="", error=None, next=target)
+        return ctx.render("login.html", email="", error=None, next=target, message=_message(ctx))
     email = ctx.form.get("email", "").strip().lower()[:320]
     password = ctx.form.get("password", "")
     guard = limiter(ctx.request)
     address = client_address(ctx.request)
-    wait = guard.retry_after(email, address)
+    found = await run(ctx.state.engine, queries.login_account, email)
+    wait = guard.retry_after(email, address, known_browser=found is not None and ctx.session.last_account == found[0])
     if wait:
-        response = ctx.render("login.html", status=429, email=email, next=target,
+        response = ctx.render("login.html", status=429, email=email, next=target, message=None,
                               error=f"Too many failed sign-ins. Try again in {(wait + 59) // 60} minute(s).")
         response.headers["Retry-After"] = str(wait)
         return response
-    found = await run(ctx.state.engine, queries.login_account, email)
     stored = found[1] if found else None
     if not await run_in_threadpool(passwords.verify, password, stored):
         guard.failed(email, address)
-        return ctx.render("login.html", status=401, email=email, next=target, error="Wrong email or password.")
-    guard.succeeded(email)
+        return ctx.render("login.html", status=401, email=email, next=target, message=None,
+                          error="Wrong email or password.")
+    guard.succeeded(email, address)
+    token = await run(ctx.state.engine, accounts.start_session, found[0], timedelta(seconds=sessions.MAX_AGE),
+                      replaces=ctx.session.token)
     # A new session (and CSRF token) on sign-in: a token seen before it is worth nothing after.
-    ctx.session = sessions.Session(account_id=found[0], password=passwords.fingerprint(stored), changed=True)
+    ctx.session = sessions.Session(token=token, last_account=found[0], changed=True)
     return RedirectResponse(target, status_code=303)
 
 
 @page(signed_in=False)
 async def logout(ctx: Ctx) -> Response:
-    ctx.session = sessions.Session(changed=True)
+    if ctx.session.token is not None:
+        await run(ctx.state.engine, accounts.end_session, ctx.session.token)
+    ctx.session = sessions.Session(last_account=ctx.session.last_account, changed=True)
     return _see("/dashboard/login")
+
+
+@page()
+async def logout_everywhere(ctx: Ctx) -> Response:
+    await run(ctx.state.engine, accounts.end_sessions, ctx.account_id)
+    ctx.session = sessions.Session(last_account=ctx.account_id, changed=True)
+    return _see("/dashboard/login", "signed-out-everywhere")
 
 
 # -- overview, keys -------------------------------------------------------------------------------
@@ -89,7 +102,9 @@ async def overview(ctx: Ctx) -> Response:
 async def _keys_page(ctx: Ctx, new_key=None, error=None, status=200) -> Response:
     async with ctx.state.engine.connect() as conn:
         rows = await conn.run_sync(queries.list_keys, ctx.account_id)
-    return ctx.render("keys.html", status=status, keys=rows, new_key=new_key, error=error, message=_message(ctx))
+        signed_in = await conn.run_sync(accounts.count_sessions, ctx.account_id)
+    return ctx.render("keys.html", status=status, keys=rows, new_key=new_key, error=error, message=_message(ctx),
+                      sessions=signed_in)
 
 
 @page()
@@ -109,8 +124,8 @@ async def create_key(ctx: Ctx) -> Response:
 
 @page()
 async def revoke_key(ctx: Ctx) -> Response:
-    key_id = ctx.request.path_params["key_id"]
-    revoked = await run(ctx.state.engine, keys.revoke_by_id, key_id, ctx.account_id)
+    key_id = params.row_id(ctx.request.path_params["key_id"])
+    revoked = key_id is not None and await run(ctx.state.engine, keys.revoke_by_id, key_id, ctx.account_id)
     if revoked:
         ctx.state.auth.forget()  # this process refuses it now; others within key_cache_seconds
     return _see("/dashboard/keys", "revoked" if revoked else "not-revoked")
@@ -237,8 +252,10 @@ async def admin(ctx: Ctx) -> Response:
 
 @page(admin=True)
 async def admin_topup(ctx: Ctx) -> Response:
+    account_id = params.row_id(ctx.form.get("account_id"))
+    if account_id is None:
+        return await _admin_page(ctx, "No such account.", 404)
     try:
-        account_id = int(ctx.form.get("account_id", ""))
         amount = money.from_usd(ctx.form.get("amount", "").strip().lstrip("$"))
         if amount <= 0 or amount > money.from_usd("1000000"):
             raise ValueError("out of range")
@@ -259,9 +276,10 @@ routes = [
     Route("/", overview, methods=["GET"]),
     Route("/login", login, methods=["GET", "POST"]),
     Route("/logout", logout, methods=["POST"]),
+    Route("/logout/everywhere", logout_everywhere, methods=["POST"]),
     Route("/keys", keys_page, methods=["GET"]),
     Route("/keys", create_key, methods=["POST"]),
-    Route("/keys/{key_id:int}/revoke", revoke_key, methods=["POST"]),
+    Route("/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
     Route("/usage", usage, methods=["GET"]),
     Route("/usage.csv", usage_csv, methods=["GET"]),
     Route("/tasks", tasks, methods=["GET"]),

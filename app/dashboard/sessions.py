@@ -3,10 +3,12 @@
 The cookie is ``base64url(json).base64url(HMAC-SHA256)``, made with the standard
 library rather than Starlette's SessionMiddleware (which needs itsdangerous and
 would decode a cookie on every API request, the hot path included): the whole
-job is one HMAC and a constant-time compare. It carries the account id, the
-sign-in time, a fingerprint of the password hash (a password change ends old
-sessions) and the CSRF token. Every visitor gets one, signed in or not, so the
-sign-in form has a CSRF token too.
+job is one HMAC and a constant-time compare. It carries the CSRF token, the time
+it was made and, once signed in, the session's token: the session itself is a
+`dashboard_sessions` row (app.accounts), so signing out, a password change or
+"sign out everywhere" ends it on the server, and a copy of the cookie taken
+before opens nothing. Every visitor gets a cookie, signed in or not, so the
+sign-in form has a CSRF token too; a visitor who is not signed in has no row.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ def secret_key(settings) -> bytes:
 @dataclass
 class Session:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    account_id: int | None = None
-    password: str | None = None  # passwords.fingerprint of the hash signed in with
+    token: str | None = None  # the signed-in session's token (its row is keyed by the hash)
+    # The account this browser last signed in to, kept after signing out: the login limiter
+    # lets it past the per-account limit, which strangers' failures may have used up.
+    last_account: int | None = None
     issued_at: int = field(default_factory=lambda: int(time.time()))
     changed: bool = False  # needs a Set-Cookie on the response
 
@@ -73,7 +77,7 @@ class Signer:
         return _b64(hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest())
 
     def dumps(self, session: Session) -> str:
-        body = {"c": session.csrf, "a": session.account_id, "p": session.password, "t": session.issued_at}
+        body = {"c": session.csrf, "s": session.token, "k": session.last_account, "t": session.issued_at}
         payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{self._mac(payload)}"
 
@@ -86,8 +90,10 @@ class Signer:
             return None
         try:
             body = json.loads(_unb64(payload))
-            session = Session(csrf=str(body["c"]), account_id=body["a"], password=body["p"], issued_at=int(body["t"]))
-        except (ValueError, KeyError, TypeError):
+            token, last = body.get("s"), body.get("k")
+            session = Session(csrf=str(body["c"]), token=str(token) if token else None,
+                              last_account=int(last) if last is not None else None, issued_at=int(body["t"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
         if session.issued_at + MAX_AGE < time.time():
             return None
@@ -99,22 +105,32 @@ def csrf_ok(session: Session, token: str | None) -> bool:
 
 
 class LoginLimiter:
-    """Failed sign-ins per email and per client address, in a sliding window, in this process.
+    """Failed sign-ins in a sliding window, in this process, counted three ways:
+
+    - per client address and email: 5 (the owner's own typos, or one address guessing one account);
+    - per client address: 20, whatever the emails (one address guessing many accounts);
+    - per email: 50 from all addresses together (a guess spread over many addresses).
+
+    Failures from one address never stop another address on their own; only the
+    per-email count, ten times the first one, is shared, and a browser that has
+    signed in to that account before (its signed cookie says so) is not held by it, so
+    strangers cannot lock the owner out. A success clears only its address's count for
+    that email: an attacker signing in to an account of their own resets nothing else.
 
     Per process, not in the database: it needs no table and no write per attempt,
     and what it must do is turn online guessing from thousands of tries a second
     into a handful a minute. With W web processes an attacker gets at most W times
     the budget, still far too few guesses to matter; and each guess costs the
-    server a scrypt anyway. A successful sign-in clears the email's count.
+    server a scrypt anyway.
     """
 
-    def __init__(self, per_email: int = 5, per_address: int = 20, window: float = 900.0):
-        self.limits = {"email": per_email, "address": per_address}
+    def __init__(self, per_pair: int = 5, per_address: int = 20, per_email: int = 50, window: float = 900.0):
+        self.limits = {"pair": per_pair, "address": per_address, "email": per_email}
         self.window = window
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._failures: dict[tuple[str, ...], deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+    def _recent(self, key: tuple[str, ...], now: float) -> deque[float]:
         times = self._failures.get(key)
         if times is None:
             return deque()
@@ -124,14 +140,21 @@ class LoginLimiter:
             del self._failures[key]
         return times
 
-    def retry_after(self, email: str, address: str) -> int:
-        """Seconds until another attempt is allowed; 0 when it is allowed now."""
+    @staticmethod
+    def _keys(email: str, address: str) -> list[tuple[str, ...]]:
+        return [("pair", address, email), ("address", address), ("email", email)]
+
+    def retry_after(self, email: str, address: str, *, known_browser: bool = False) -> int:
+        """Seconds until another attempt is allowed; 0 when it is allowed now. `known_browser`:
+        the request comes from a browser that signed in to this email's account before."""
         now = time.monotonic()
         wait = 0.0
         with self._lock:
-            for kind, value in (("email", email), ("address", address)):
-                times = self._recent((kind, value), now)
-                if len(times) >= self.limits[kind]:
+            for key in self._keys(email, address):
+                if key[0] == "email" and known_browser:
+                    continue
+                times = self._recent(key, now)
+                if len(times) >= self.limits[key[0]]:
                     wait = max(wait, times[0] + self.window - now)
         return int(wait) + 1 if wait else 0
 
@@ -140,9 +163,9 @@ class LoginLimiter:
         with self._lock:
             if len(self._failures) > 100_000:  # bounded memory under a spray of addresses
                 self._failures.clear()
-            for key in (("email", email), ("address", address)):
+            for key in self._keys(email, address):
                 self._failures.setdefault(key, deque()).append(now)
 
-    def succeeded(self, email: str) -> None:
+    def succeeded(self, email: str, address: str) -> None:
         with self._lock:
-            self._failures.pop(("email", email), None)
+            self._failures.pop(("pair", address, email), None)

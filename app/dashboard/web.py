@@ -11,8 +11,9 @@ from zoneinfo import ZoneInfo
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from app import passwords
+from app import params
 from app.dashboard import queries, render, sessions
+from app.models import utcnow
 
 MAX_FORM_BYTES = 64 * 1024
 PAGE_HEADERS = {
@@ -84,8 +85,8 @@ def save_session(request: Request, response: Response, session: sessions.Session
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_FORM_BYTES:
+    length = params.content_length(request.headers.get("content-length"))
+    if length is not None and length > MAX_FORM_BYTES:
         raise FormError(413, "That form is too large.")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not content_type:
@@ -97,13 +98,11 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 async def _signed_in(request: Request, session: sessions.Session) -> dict | None:
-    if session.account_id is None:
+    """The account of the session's row, or None (not signed in; or signed out, revoked, expired)."""
+    if session.token is None:
         return None
     async with request.app.state.engine.connect() as conn:
-        account = await conn.run_sync(queries.session_account, session.account_id)
-    if account is None or passwords.fingerprint(account["password_hash"]) != session.password:
-        return None  # deleted, or its password changed since this session began
-    return account
+        return await conn.run_sync(queries.session_account, session.token, utcnow())
 
 
 def error_page(ctx: Ctx, status: int, title: str, message: str) -> HTMLResponse:
@@ -124,8 +123,8 @@ def page(*, signed_in: bool = True, admin: bool = False) -> Callable[[Handler], 
             session = cookie_session or sessions.Session(changed=True)
             ctx = Ctx(request, session, render.zone(request.cookies.get(render.TZ_COOKIE)))
             ctx.account = await _signed_in(request, session)
-            if session.account_id is not None and ctx.account is None:
-                session.account_id, session.password, session.changed = None, None, True
+            if session.token is not None and ctx.account is None:  # its row has ended: forget the token
+                session.token, session.changed = None, True
             response = await _guarded(ctx, handler, signed_in, admin)
             for name, value in PAGE_HEADERS.items():
                 response.headers.setdefault(name, value)
@@ -138,13 +137,22 @@ def page(*, signed_in: bool = True, admin: bool = False) -> Callable[[Handler], 
     return wrap
 
 
+def _clean(values) -> bool:
+    return all(params.is_clean(str(value)) for value in values)
+
+
 async def _guarded(ctx: Ctx, handler: Handler, signed_in: bool, admin: bool) -> Response:
     request = ctx.request
+    if not (_clean(request.query_params.values()) and _clean(request.path_params.values())):
+        return error_page(ctx, 400, "Bad address", "This address contains a character no page takes (NUL).")
     if request.method == "POST":
         try:
             ctx.form = await read_form(request)
         except FormError as exc:
             return error_page(ctx, exc.status, "Form refused", exc.message)
+        if not _clean(ctx.form.values()):
+            return error_page(ctx, 400, "Form refused", "A field of this form contains a character no field "
+                                                        "takes (NUL).")
         if not sessions.csrf_ok(ctx.session, ctx.form.get("csrf")):
             return error_page(ctx, 403, "Form expired",
                               "This form did not carry a valid security token (it may be from an old page, or "

@@ -16,12 +16,13 @@ worker that dies mid-attempt leaves a row the sweep picks up once the lease ends
 from __future__ import annotations
 
 import json
+import math
 import random
 import secrets as random_ids
 from datetime import datetime, timedelta
 from typing import Callable
 
-from sqlalchemy import Connection, Engine, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, insert, or_, select, update
 
 from app.errors import APIError
 from app.images import service as images
@@ -30,6 +31,9 @@ from app.webhooks import signing
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 JITTER = 0.2  # each retry delay is scaled by a random factor in [0.8, 1.2]
+# Redeliveries of one task's event are at least this far apart (6 a minute), and none while an
+# attempt is due or in flight: a client looping on redeliver cannot turn the gateway on its receiver.
+REDELIVERY_INTERVAL = timedelta(seconds=10)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -242,9 +246,41 @@ def list_for_task(conn: Connection, account_id: int, task_id: str) -> list[dict]
     return out
 
 
+def _may_redeliver(now: datetime) -> ColumnElement[bool]:
+    """The condition for a delivery to be reset now: no attempt due or in flight, and no
+    redelivery in the last REDELIVERY_INTERVAL. (A retry scheduled for later may be brought forward.)"""
+    idle = or_(WebhookDelivery.status != PENDING,
+               and_(WebhookDelivery.next_attempt_at > now,
+                    or_(WebhookDelivery.lease_expires_at.is_(None), WebhookDelivery.lease_expires_at < now)))
+    spaced = or_(WebhookDelivery.redelivered_at.is_(None), WebhookDelivery.redelivered_at <= now - REDELIVERY_INTERVAL)
+    return and_(idle, spaced)
+
+
+def _rate_limited(conn: Connection, task_id: str, delivery_id: str, now: datetime) -> APIError:
+    """The 429 for a redelivery refused by _may_redeliver, with how long to wait."""
+    row = conn.execute(select(WebhookDelivery.status, WebhookDelivery.next_attempt_at,
+                              WebhookDelivery.lease_expires_at, WebhookDelivery.redelivered_at)
+                       .where(WebhookDelivery.id == delivery_id)).one()
+    in_flight = row.status == PENDING and row.lease_expires_at is not None and row.lease_expires_at >= now
+    due = row.status == PENDING and (row.next_attempt_at is None or row.next_attempt_at <= now)
+    wait = 0.0
+    if row.redelivered_at is not None:
+        wait = (row.redelivered_at + REDELIVERY_INTERVAL - now).total_seconds()
+    if in_flight:  # the lease's end: the latest the attempt can take
+        wait = max(wait, (row.lease_expires_at - now).total_seconds())
+    seconds = max(1, math.ceil(wait))
+    why = ("an attempt to deliver it is due or under way" if in_flight or due
+           else f"it was redelivered less than {REDELIVERY_INTERVAL.seconds} seconds ago")
+    return APIError(429, f"Task {task_id}'s event is not sent again yet: {why}. Try again in {seconds} s.",
+                    code="redelivery_rate_limited", headers={"Retry-After": str(seconds)})
+
+
 def redeliver(conn: Connection, account_id: int, task_id: str) -> dict | None:
     """Send the task's event again, now, with a fresh retry schedule and the same webhook-id
-    (it is the same event). None if not this account's task; 409 if there is nothing to send."""
+    (it is the same event). None if not this account's task; 409 if there is nothing to send;
+    429 (`redelivery_rate_limited`, with Retry-After) while an attempt is due or in flight, or
+    within REDELIVERY_INTERVAL of the last redelivery. Decided by one compare-and-set on the
+    delivery row, so it holds across web processes and concurrent requests."""
     task = _owned_task(conn, account_id, task_id)
     if task is None:
         return None
@@ -253,13 +289,17 @@ def redeliver(conn: Connection, account_id: int, task_id: str) -> dict | None:
     if task.status not in images.TERMINAL:
         raise APIError(409, f"Task {task_id} is {task.status}; its event is sent when it ends.",
                        code="task_not_finished")
+    now = utcnow()
     delivery_id = conn.execute(select(WebhookDelivery.id).where(WebhookDelivery.task_id == task_id)
                                .order_by(WebhookDelivery.created_at.desc()).limit(1)).scalar()
     if delivery_id is None:
         delivery_id = record_event(conn, task_id)
+        conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(redelivered_at=now))
     else:
-        conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(
-            status=PENDING, attempt_count=0, next_attempt_at=utcnow(), dispatched_at=None,
-            lease_expires_at=None, delivered_at=None))
+        reset = conn.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, _may_redeliver(now))
+                             .values(status=PENDING, attempt_count=0, next_attempt_at=now, dispatched_at=None,
+                                     lease_expires_at=None, delivered_at=None, redelivered_at=now)).rowcount
+        if reset != 1:
+            raise _rate_limited(conn, task_id, delivery_id, now)
     delivery = conn.execute(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)).one()
     return _render(delivery, [])

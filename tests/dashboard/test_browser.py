@@ -3,8 +3,9 @@
 One flow, as a person would use it: sign in (after a wrong password), create a key and copy it, call the
 API with it (an image task on the real worker, a chat completion through the passthrough to a fake
 upstream), see both on the pages, download the CSV, rotate the webhook secret, top up as an admin,
-revoke the key and see the API refuse it; then every page at a phone's width. Screenshots of each
-page go to test-artifacts/dashboard/ (git ignores it).
+revoke the key and see the API refuse it; then every page at a phone's width; then sign out (a copy of
+the cookie taken before opens nothing after), and sign out everywhere from one of two browsers.
+Screenshots of each page go to test-artifacts/dashboard/ (git ignores it).
 """
 
 from __future__ import annotations
@@ -287,13 +288,35 @@ def test_dashboard_flow(live, browser, worker, client, make_user, make_account, 
     shot(stranger_page, "phone-login")
     stranger.close()
 
-    # Sign out.
+    # Sign out: the session ends on the server, so a copy of the cookie taken before opens nothing.
+    saved = context.storage_state()
     page.click("text=Sign out")
     expect(page).to_have_url(re.compile(r"/dashboard/login$"))
     page.goto(base + "/dashboard/keys")
     expect(page).to_have_url(re.compile(r"/dashboard/login\?next="))
     shot(page, "login")
     context.close()
+    copied = browser.new_context(storage_state=saved)
+    copied_page = copied.new_page()
+    copied_page.goto(base + "/dashboard/keys")
+    expect(copied_page).to_have_url(re.compile(r"/dashboard/login\?next="))
+    copied.close()
+
+    # Sign out everywhere, from one of two browsers: both are signed out.
+    pages = [browser.new_context().new_page() for _ in range(2)]
+    for each in pages:
+        each.goto(base + "/dashboard/login")
+        sign_in(each, base, user.email, user.password)
+        expect(each).to_have_url(base + "/dashboard/")
+    pages[0].goto(base + "/dashboard/keys")
+    expect(pages[0].locator("#sessions")).to_contain_text("in 2 browsers")
+    pages[0].once("dialog", lambda dialog: dialog.accept())
+    pages[0].click("text=Sign out everywhere")
+    expect(pages[0].locator(".notice")).to_contain_text("Every session of your account was signed out")
+    pages[1].goto(base + "/dashboard/keys")
+    expect(pages[1]).to_have_url(re.compile(r"/dashboard/login\?next="))
+    for each in pages:
+        each.context.close()
     assert problems.unexpected() == [] and phone_problems.unexpected() == []
 
 

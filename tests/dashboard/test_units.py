@@ -28,21 +28,17 @@ def test_password_strength():
         passwords.hash_password("x" * 2000)
 
 
-def test_fingerprint_changes_with_the_hash():
-    a, b = passwords.hash_password("password-one"), passwords.hash_password("password-one")
-    assert passwords.fingerprint(a) != passwords.fingerprint(b)
-    assert passwords.fingerprint(a) == passwords.fingerprint(a)
-
-
 def test_session_cookie_round_trip_and_tampering():
     signer = sessions.Signer(b"k" * 32)
-    session = sessions.Session(account_id=7, password="abcd")
+    session = sessions.Session(token="t0ken", last_account=7)
     cookie = signer.dumps(session)
     loaded = signer.loads(cookie)
-    assert (loaded.account_id, loaded.password, loaded.csrf) == (7, "abcd", session.csrf)
+    assert (loaded.token, loaded.last_account, loaded.csrf) == ("t0ken", 7, session.csrf)
+    anonymous = signer.loads(signer.dumps(sessions.Session()))
+    assert anonymous.token is None and anonymous.last_account is None
 
     payload, mac = cookie.rsplit(".", 1)
-    forged = sessions.Signer(b"k" * 32).dumps(sessions.Session(account_id=8, password="abcd"))
+    forged = sessions.Signer(b"k" * 32).dumps(sessions.Session(token="another", last_account=8))
     assert signer.loads(forged.rsplit(".", 1)[0] + "." + mac) is None  # another payload, the old MAC
     assert signer.loads(cookie[:-2] + ("AA" if cookie[-2:] != "AA" else "BB")) is None
     assert sessions.Signer(b"other" * 8).loads(cookie) is None  # another server's key
@@ -51,7 +47,7 @@ def test_session_cookie_round_trip_and_tampering():
 
 def test_session_expires():
     signer = sessions.Signer(b"k" * 32)
-    old = sessions.Session(account_id=1, issued_at=int(time.time()) - sessions.MAX_AGE - 5)
+    old = sessions.Session(token="t0ken", issued_at=int(time.time()) - sessions.MAX_AGE - 5)
     assert signer.loads(signer.dumps(old)) is None
 
 
@@ -74,22 +70,35 @@ def test_secret_key_is_made_once_and_kept(tmp_path):
     assert sessions.secret_key(configured) == b"s3cret"
 
 
-def test_login_limiter_by_email_and_address():
-    limiter = sessions.LoginLimiter(per_email=3, per_address=5, window=60)
+def test_login_limiter_by_address_and_email():
+    limiter = sessions.LoginLimiter(per_pair=3, per_address=5, per_email=8, window=60)
     for _ in range(3):
         assert limiter.retry_after("a@x", "1.1.1.1") == 0
         limiter.failed("a@x", "1.1.1.1")
-    assert 0 < limiter.retry_after("a@x", "2.2.2.2") <= 61  # that email, from anywhere
-    assert limiter.retry_after("b@x", "1.1.1.1") == 0  # that address still has budget
+    assert 0 < limiter.retry_after("a@x", "1.1.1.1") <= 61  # that email from that address
+    assert limiter.retry_after("a@x", "2.2.2.2") == 0  # another address is not held by it
+    assert limiter.retry_after("b@x", "1.1.1.1") == 0  # that address still has budget for others
     limiter.failed("b@x", "1.1.1.1")
     limiter.failed("c@x", "1.1.1.1")
     assert limiter.retry_after("d@x", "1.1.1.1") > 0  # the address is spent
-    limiter.succeeded("a@x")
+    limiter.succeeded("a@x", "1.1.1.1")
+    assert limiter.retry_after("a@x", "1.1.1.1") > 0  # signing in clears the pair, not the address
     assert limiter.retry_after("a@x", "3.3.3.3") == 0
 
 
+def test_login_limiter_per_email_stops_a_spread_guess_but_not_a_known_browser():
+    limiter = sessions.LoginLimiter(per_pair=3, per_address=5, per_email=8, window=60)
+    for n in range(8):  # 8 addresses, one guess each
+        limiter.failed("a@x", f"10.0.0.{n}")
+    assert limiter.retry_after("a@x", "10.9.9.9") > 0  # a fresh address is held too
+    assert limiter.retry_after("a@x", "10.9.9.9", known_browser=True) == 0  # the owner's browser is not
+    assert limiter.retry_after("b@x", "10.9.9.9") == 0
+    limiter.succeeded("a@x", "10.9.9.9")
+    assert limiter.retry_after("a@x", "10.9.9.8") > 0  # and the owner's success resets nothing for others
+
+
 def test_login_limiter_window_slides():
-    limiter = sessions.LoginLimiter(per_email=1, per_address=10, window=0.2)
+    limiter = sessions.LoginLimiter(per_pair=1, per_address=10, window=0.2)
     limiter.failed("a@x", "ip")
     assert limiter.retry_after("a@x", "ip") > 0
     time.sleep(0.25)
