@@ -8,16 +8,55 @@ share one implementation.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
+import time
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+import psycopg
+import psycopg_pool
+from sqlalchemy import Connection, Engine, Table, create_engine, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.settings import async_database_url
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# What a database that is down, unreachable or out of connections raises: a request that meets
+# one is answered 503 with Retry-After, not 500 (app.main).
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    exc.OperationalError, exc.InterfaceError, exc.TimeoutError, psycopg.OperationalError,
+    psycopg.InterfaceError, psycopg_pool.PoolTimeout,
+)
+# The longest a request waits for a connection of the psycopg pool (a database that is down
+# leaves none to be had).
+PSYCOPG_POOL_TIMEOUT = 5.0
+
+
+class OutageLog:
+    """Logs a database outage once, not once per request: its first failure with the
+    traceback, a line a minute while it lasts, and nothing more; failures after QUIET seconds
+    without any are a new outage."""
+
+    QUIET, EVERY = 30.0, 60.0
+
+    def __init__(self) -> None:
+        self._first = self._last = self._logged = 0.0
+        self._count = 0
+
+    def failed(self, error: BaseException, where: str) -> None:
+        now = time.monotonic()
+        if not self._count or now - self._last > self.QUIET:
+            self._first, self._logged, self._count = now, now, 0
+            log.error("the database is unavailable (%s: %s); answering 503 until it is back (logged once per "
+                      "outage)", where, error, exc_info=error)
+        elif now - self._logged >= self.EVERY:
+            self._logged = now
+            log.error("the database is still unavailable: %d requests answered 503 in %.0f s", self._count,
+                      now - self._first)
+        self._count += 1
+        self._last = now
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -89,7 +128,8 @@ async def open_psycopg_pool(url: str, size: int):
     from sqlalchemy.engine import make_url
 
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    pool = AsyncConnectionPool(conninfo, min_size=1, max_size=size, kwargs={"autocommit": True}, open=False)
+    pool = AsyncConnectionPool(conninfo, min_size=1, max_size=size, kwargs={"autocommit": True}, open=False,
+                               timeout=PSYCOPG_POOL_TIMEOUT)
     await pool.open()
     return pool
 

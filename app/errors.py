@@ -7,6 +7,8 @@ not these: the proxy passes them through untouched.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs
+
 from starlette.responses import JSONResponse
 
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
@@ -34,11 +36,13 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None):
+        # A message may quote what the client sent; an unpaired surrogate in it could not be encoded.
+        message = message.encode("utf-8", "replace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
-        self.param = param
+        self.param = param.encode("utf-8", "replace").decode("utf-8") if param else param
         self.type = type
         self.headers = headers
 
@@ -73,19 +77,33 @@ def insufficient_balance(message: str = "Your balance is too low for this reques
     return APIError(402, message, code="insufficient_balance")
 
 
+RETRY_AFTER_OUTAGE = 5  # seconds a client is asked to wait while the database is unavailable
+
+
+def unavailable() -> APIError:
+    return APIError(503, "The gateway's database is unavailable; nothing was charged. Retry shortly.",
+                    code="service_unavailable", type="server_error",
+                    headers={"Retry-After": str(RETRY_AFTER_OUTAGE)})
+
+
 def server_error() -> APIError:
     return APIError(500, "The gateway failed unexpectedly. Check your task list or usage before you retry.",
                     code="internal_error", type="server_error")
 
 
-def family_for(path: str, headers=None) -> str:
-    """Which API family's error shape a path speaks (the /llm-api prefix is ignored)."""
+def family_for(path: str, headers=None, query: str = "") -> str:
+    """Which API family's error shape a path speaks (the /llm-api prefix is ignored). The shared
+    model list speaks Anthropic's to a client sending `anthropic-version`, and Gemini's to one
+    sending its key the Google way (`x-goog-api-key`, or `key=` in the query)."""
     if path.startswith("/llm-api"):
         path = path[len("/llm-api"):]
     if path.startswith("/anthropic") or path.startswith("/v1/messages"):
         return ANTHROPIC
     if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
         return GEMINI
-    if path == "/v1/models" and headers is not None and "anthropic-version" in headers:
-        return ANTHROPIC
+    if path == "/v1/models" and headers is not None:
+        if "anthropic-version" in headers:
+            return ANTHROPIC
+        if "x-goog-api-key" in headers or parse_qs(query).get("key"):
+            return GEMINI
     return OPENAI

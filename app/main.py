@@ -8,17 +8,18 @@ import gc
 import logging
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from app import account_routes, auth, catalog, health, storage
 from app.dashboard import routes as dashboard_routes
-from app.db import make_async_engine, make_engine, open_psycopg_pool, run
+from app.db import UNAVAILABLE, OutageLog, make_async_engine, make_engine, open_psycopg_pool, run
 from app.dispatch import Relay
-from app.errors import APIError, family_for, server_error
+from app.errors import APIError, family_for, invalid, server_error, unavailable
 from app.images import routes as image_routes
 from app.proxy import routes as proxy_routes
 from app.proxy.gateway import LLMGateway
@@ -57,7 +58,10 @@ class Gateway(Starlette):
     """
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if scope["method"] == "POST":
             path = scope["path"]
             root = scope.get("root_path")
             found = proxy_routes.match(path[len(root):] if root and path.startswith(root) else path)
@@ -67,7 +71,28 @@ class Gateway(Starlette):
                 scope["path_params"] = {"target": target}
                 await endpoint(scope, receive, send)
                 return
-        await super().__call__(scope, receive, send)
+        if b"%00" in scope.get("raw_path", b"") or b"%00" in scope.get("query_string", b""):
+            # No path or query value may hold a NUL: PostgreSQL refuses it in any text it is given.
+            error = invalid(None, "The URL contains a NUL character (%00), which no parameter may hold.")
+            family = family_for(scope["path"], Headers(scope=scope), scope["query_string"].decode("latin-1"))
+            await error.response(family)(scope, receive, send)
+            return
+        complete = False
+
+        async def tracked(message) -> None:
+            nonlocal complete
+            complete = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, tracked)
+        except Exception:
+            # Starlette's error middleware re-raises what it answered with a 500 (logged by
+            # _server_error), so that the server may log it; a server that sees an exception
+            # closes the connection, and the client's next request on it would fail too. The
+            # answer went out whole: the connection lives on. A response broken off is raised.
+            if not complete:
+                raise
 
 
 @contextlib.contextmanager
@@ -104,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         state.relay = Relay(dispatch_waker(state.celery))
         state.relay.start()
         state.llm = LLMGateway(settings.database_url, offered, https_proxy=settings.https_proxy,
-                               no_proxy=settings.no_proxy)  # upstream pools, holds, usage recorder
+                               no_proxy=settings.no_proxy, drain_seconds=settings.usage_drain_seconds)
         await state.llm.start()
         flusher = asyncio.create_task(_flush_key_use(app))
         with _tuned_gc():
@@ -135,23 +160,24 @@ def create_app(settings: Settings | None = None) -> Gateway:
         ],
         lifespan=lifespan,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone,
-                            Exception: _server_error},
+                            **{kind: _unavailable for kind in UNAVAILABLE}, Exception: _server_error},
     )
     app.state.settings = settings
+    app.state.outage = OutageLog()
     app.state.catalog = offered
     app.state.storage = files
     return app
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return exc.response(family_for(request.url.path, request.headers))
+    return exc.response(family_for(request.url.path, request.headers, request.url.query))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     messages = {404: f"No route {request.method} {request.url.path}.", 405: "Method not allowed."}
     error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
                      code="not_found" if exc.status_code == 404 else None, headers=exc.headers)
-    return error.response(family_for(request.url.path, request.headers))
+    return error.response(family_for(request.url.path, request.headers, request.url.query))
 
 
 async def _gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -159,6 +185,15 @@ async def _gone(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=499)
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    request.app.state.outage.failed(exc, f"{request.method} {request.url.path}")
+    error = unavailable()
+    if request.url.path.startswith("/dashboard"):
+        return PlainTextResponse("The dashboard's database is unavailable. Try again in a few seconds.\n",
+                                 status_code=503, headers=error.headers)
+    return error.response(family_for(request.url.path, request.headers, request.url.query))
+
+
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return server_error().response(family_for(request.url.path, request.headers))
+    return server_error().response(family_for(request.url.path, request.headers, request.url.query))

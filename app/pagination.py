@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, or_
 
 from app.errors import invalid
+from app.params import is_id
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:
@@ -21,7 +22,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         moment, row_id = raw.split("|", 1)
-        return datetime.fromisoformat(moment), row_id
+        position = datetime.fromisoformat(moment)
+        if position.tzinfo is None or not is_id(row_id):
+            raise ValueError("not a cursor")
+        return position, row_id
     except (ValueError, UnicodeDecodeError):
         raise invalid("cursor", "'cursor' is not a cursor this API returned.") from None
 

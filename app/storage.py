@@ -3,6 +3,7 @@ the app serves it at /files/..., and URLs are built from the public base URL."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,9 +33,15 @@ class LocalStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename: a reader never sees half a file, a retry overwrites cleanly.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            # A full disk (or any failed write) leaves no half-written temporary file behind.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return self.url(key)
 
     def url(self, key: str) -> str:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app import ledger, urls
+from app import ledger, params, urls
 from app.auth import require
 from app.db import run, run_single
 from app.errors import APIError, insufficient_balance, invalid, not_found
@@ -25,17 +25,14 @@ MAX_KEY_LENGTH = 255
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY) -> object:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes:
+    length = params.content_length(request.headers.get("content-length"))
+    if length is not None and length > max_bytes:
         raise APIError(413, f"The request body is larger than {max_bytes // (1024 * 1024)} MiB.",
                        code="request_too_large")
     body = await request.body()
     if len(body) > max_bytes:
         raise APIError(413, "The request body is too large.", code="request_too_large")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid(None, "The request body is not valid JSON.", "invalid_json") from None
+    return params.json_body(body)
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -48,10 +45,18 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def request_hash(body: object) -> str:
-    """The body's identity for idempotency: key order and whitespace don't matter, values do."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def request_hash(request: validation.GenerationRequest) -> str:
+    """The identity of a validated request for idempotency: what it asks for, however it was
+    written (key order, whitespace, a default spelled out or left out, `null` for absent)."""
+    canonical = json.dumps(validation.fingerprint(request), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def body_hash(body: object) -> str:
+    """How a request was fingerprinted before `request_hash`: its raw JSON body. A replay of a
+    task submitted then is still recognized (its row keeps this hash until it ages out)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def preferred_wait(request: Request) -> int | None:
@@ -61,7 +66,7 @@ def preferred_wait(request: Request) -> int | None:
             name, _, value = preference.split(";")[0].strip().partition("=")
             if name.strip().lower() == "wait":
                 value = value.strip().strip('"')
-                if not value.isdigit():
+                if not params.is_whole(value):
                     raise invalid("Prefer", "'Prefer: wait=N' takes a whole number of seconds.")
                 return min(int(value), MAX_WAIT)
     return None
@@ -110,7 +115,7 @@ async def create_generation(request: Request) -> JSONResponse:
             task = await submit(state, principal, parsed)
         else:
             task, replayed = await run(state.engine, service.submit_once, principal, parsed, key,
-                                       request_hash(body))
+                                       (request_hash(parsed), body_hash(body)))
     except ledger.InsufficientBalance:
         raise insufficient_balance(
             f"Your balance is too low for {parsed.model.name} at {parsed.resolution}. Top up and try again."
@@ -128,17 +133,15 @@ async def create_generation(request: Request) -> JSONResponse:
 
 async def list_tasks(request: Request) -> JSONResponse:
     principal = await require(request)
-    params = request.query_params
-    statuses = tuple(s.strip() for s in params.get("status", "").split(",") if s.strip())
+    query = request.query_params
+    statuses = tuple(s.strip() for s in query.get("status", "").split(",") if s.strip())
     for status in statuses:
         if status not in service.STATUSES:
             raise invalid("status", f"'status' must be one or more of: {', '.join(service.STATUSES)}.")
-    limit = params.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
-        raise invalid("limit", "'limit' must be a whole number from 1 to 100.")
+    limit = params.optional_integer(query.get("limit"), "limit", 20, minimum=1, maximum=100)
     async with request.app.state.engine.connect() as conn:
-        page = await conn.run_sync(service.list_tasks, principal.account_id, statuses=statuses, limit=int(limit),
-                                   cursor=params.get("cursor") or None)
+        page = await conn.run_sync(service.list_tasks, principal.account_id, statuses=statuses, limit=limit,
+                                   cursor=query.get("cursor") or None)
     return JSONResponse(page)
 
 
@@ -146,7 +149,7 @@ async def cancel_task(request: Request) -> JSONResponse:
     principal = await require(request)
     state = request.app.state
     task_id = request.path_params["task_id"]
-    task = await run(state.engine, service.cancel, principal.account_id, task_id)
+    task = await run(state.engine, service.cancel, principal.account_id, task_id) if params.is_id(task_id) else None
     if task is None:
         raise not_found(f"No task {task_id!r} for this API key's account.", "task_not_found")
     if task.get("webhook_url"):
@@ -168,10 +171,13 @@ def wake_webhook(state, task_id: str) -> None:
 
 async def get_task(request: Request) -> JSONResponse:
     principal = await require(request)
-    async with request.app.state.engine.connect() as conn:
-        task = await conn.run_sync(service.get, principal.account_id, request.path_params["task_id"])
+    task_id = request.path_params["task_id"]
+    task = None
+    if params.is_id(task_id):
+        async with request.app.state.engine.connect() as conn:
+            task = await conn.run_sync(service.get, principal.account_id, task_id)
     if task is None:
-        raise not_found(f"No task {request.path_params['task_id']!r} for this API key's account.", "task_not_found")
+        raise not_found(f"No task {task_id!r} for this API key's account.", "task_not_found")
     return JSONResponse(task)
 
 

@@ -72,8 +72,8 @@ def _accepted(task_id: str, request: GenerationRequest, charge: int) -> dict:
     return {"task_id": task_id, "status": "pending", "model": request.model.name, "charge": money.render(charge)}
 
 
-def _first_answer(task, request_hash: str) -> dict:
-    if task.request_hash != request_hash:
+def _first_answer(task, hashes: tuple[str, str]) -> dict:
+    if task.request_hash not in hashes:
         raise APIError(422, "This Idempotency-Key was already used with a different request body. "
                             "Use a new key for a new request.", code="idempotency_key_reused",
                        param="Idempotency-Key")
@@ -81,13 +81,15 @@ def _first_answer(task, request_hash: str) -> dict:
 
 
 def submit_once(conn: Connection, principal: Principal, request: GenerationRequest, idempotency_key: str,
-                request_hash: str) -> tuple[dict, bool]:
+                hashes: tuple[str, str]) -> tuple[dict, bool]:
     """`submit` keyed by the account's `idempotency_key`: (answer, replayed).
 
-    The same key and body within 24 hours returns the first answer without a second
-    charge, also when the requests race: the unique index admits one row, and the
-    loser (its savepoint rolled back, nothing charged) answers with the winner's task.
-    The same key with another body is a 422. An older key is released and used afresh.
+    `hashes` is the validated request's fingerprint, which is stored, and its raw body's,
+    which tasks stored before fingerprints were of validated requests still match. The same
+    key and request within 24 hours returns the first answer without a second charge, also
+    when the requests race: the unique index admits one row, and the loser (its savepoint
+    rolled back, nothing charged) answers with the winner's task. The same key with another
+    request is a 422. An older key is released and used afresh.
     """
     def existing():
         return conn.execute(
@@ -98,18 +100,18 @@ def submit_once(conn: Connection, principal: Principal, request: GenerationReque
     found = existing()
     if found is not None:
         if found.created_at >= utcnow() - IDEMPOTENCY_WINDOW:
-            return _first_answer(found, request_hash), True
+            return _first_answer(found, hashes), True
         conn.execute(update(ImageTask).where(ImageTask.id == found.id).values(idempotency_key=None))
     try:
         with conn.begin_nested():
-            answer = submit(conn, principal, request, idempotency_key=idempotency_key, request_hash=request_hash)
+            answer = submit(conn, principal, request, idempotency_key=idempotency_key, request_hash=hashes[0])
     except (IntegrityError, ledger.InsufficientBalance):
         # A racing duplicate committed first: we hit its row in the unique index, or (on
         # PostgreSQL, where the debit comes first in one statement) found the balance it spent.
         found = existing()
         if found is None:  # not our key's conflict after all
             raise
-        return _first_answer(found, request_hash), True
+        return _first_answer(found, hashes), True
     return answer, False
 
 

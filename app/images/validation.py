@@ -8,10 +8,10 @@ import io
 import re
 import warnings
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from PIL import Image
 
+from app import params
 from app.catalog import RESOLUTIONS, SIZES, SIZES_4K, Catalog, Model
 from app.errors import APIError, invalid
 
@@ -42,15 +42,11 @@ def _string(body: dict, name: str, default: str | None = None) -> str | None:
         return default
     if not isinstance(value, str):
         raise invalid(name, f"'{name}' must be a string.", "invalid_type")
-    return value
+    return params.text(value, name)
 
 
 def _http_url(value: str, param: str) -> str:
-    if len(value) > MAX_URL_LENGTH:
-        raise invalid(param, f"'{param}' is longer than {MAX_URL_LENGTH} characters.")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise invalid(param, f"'{param}' must be an http(s) URL.")
+    params.http_url(params.text(value, param), param, max_length=MAX_URL_LENGTH)
     return value
 
 
@@ -106,6 +102,7 @@ def parse(body: object, catalog: Catalog) -> tuple[GenerationRequest, list[int]]
         raise invalid("image_urls", f"At most {MAX_IMAGE_URLS} reference images.")
     data_uris = []
     for index, url in enumerate(image_urls):
+        params.text(url, f"image_urls[{index}]")
         if url[:5].lower() == "data:":
             data_uris.append(index)
         else:
@@ -117,6 +114,14 @@ def parse(body: object, catalog: Catalog) -> tuple[GenerationRequest, list[int]]
 
     request = GenerationRequest(model, prompt, size, resolution, n, list(image_urls), webhook_url)
     return request, data_uris
+
+
+def fingerprint(request: GenerationRequest) -> dict:
+    """What a validated request asks for, defaults filled in: two bodies that differ only in how
+    they say it (`"size": null`, `"size": "1:1"` or no size) have the same fingerprint."""
+    return {"model": request.model.name, "prompt": request.prompt, "size": request.size,
+            "resolution": request.resolution, "n": request.n, "image_urls": request.image_urls,
+            "webhook_url": request.webhook_url}
 
 
 def outbound_urls(request: GenerationRequest) -> list[tuple[str, str]]:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qsl
 
-from app import money
+from app import money, params
 from app.auth import Principal, key_from_headers
 from app.catalog import Model
 from app.errors import APIError, insufficient_balance, invalid
 from app.models import time_ordered_id, utcnow
 from app.proxy import upstream
-from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate, loads
+from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate
 
 MAX_BODY = 32 * 1024 * 1024
 # Output the hold assumes when neither the request nor the catalog bounds it.
@@ -40,6 +40,7 @@ class Call:
     headers: dict[str, str]
     body: bytes
     held: int  # nano-dollars reserved until the call is settled
+    input_estimate: int = 0  # the input tokens the hold assumed (one per byte of body)
     strip_usage: bool = False  # the gateway added include_usage: hide the usage chunk
     sse: bool = True  # Gemini streams without ?alt=sse are a JSON array
     created_at: datetime | None = None
@@ -82,11 +83,14 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
         raise _model_not_found(api, name, version)
 
     max_output = _max_output(api, parsed)
-    stream = gemini_method == "streamGenerateContent" if google else parsed.get("stream") is True
+    stream = gemini_method == "streamGenerateContent" if google else _flag(parsed, "stream")
     strip_usage = False
-    if api == CHAT and stream:
+    if api == CHAT:
         options = parsed.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
+        if options is not None and not isinstance(options, dict):
+            raise invalid("stream_options", "stream_options: must be an object.", "invalid_type")
+        include_usage = _flag(options, "include_usage", "stream_options.include_usage") if options else False
+        if stream and not include_usage:
             body, strip_usage = _with_include_usage(body, parsed), True
     if model.upstream_model != name and not google:
         body = _with_model(body, parsed, name, model.upstream_model, strip_usage)
@@ -99,7 +103,7 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
         id=time_ordered_id("req_"), api=api, model=model, principal=principal, stream=stream,
         url=upstream.url(model.provider, api, model.upstream_model, version=version, method=gemini_method,
                          query=query),
-        headers=upstream.request_headers(client, model.provider), body=body, held=held,
+        headers=upstream.request_headers(client, model.provider), body=body, held=held, input_estimate=len(body),
         strip_usage=strip_usage, sse=not google or _param(query, "alt") == "sse",
         created_at=utcnow(), started=started,
     )
@@ -116,7 +120,8 @@ def _param(query: list[tuple[str, str]], name: str) -> str | None:
 
 
 async def _read_body(receive, length: str | None) -> bytes:
-    if length and length.isdigit() and int(length) > MAX_BODY:
+    declared = params.content_length(length)
+    if declared is not None and declared > MAX_BODY:
         raise _too_large()
     chunks, size, more = [], 0, True
     while more:
@@ -137,32 +142,55 @@ def _too_large() -> APIError:
 
 
 def _parse(body: bytes) -> dict:
-    try:
-        parsed = loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid(None, "The request body is not valid JSON.", "invalid_json") from None
+    parsed = params.json_body(body)
     if not isinstance(parsed, dict):
         raise invalid(None, "The request body must be a JSON object.", "invalid_json")
+    model = parsed.get("model")
+    if isinstance(model, str) and not params.is_clean(model):
+        raise invalid("model", "model: contains a NUL character or an unpaired surrogate.")
     return parsed
 
 
-def _positive(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+# The fields the gateway itself reads must mean to it what they mean to the provider: a `stream`
+# of "true" taken as false would have the gateway buffer a stream it can't meter. Each is refused
+# unless it is absent, null, or of the type the provider documents.
+
+def _flag(obj: dict, name: str, param: str | None = None) -> bool:
+    value = obj.get(name)
+    if value is None or isinstance(value, bool):
+        return value is True
+    raise invalid(param or name, f"{param or name}: must be true or false.", "invalid_type")
+
+
+def _limit(obj: dict, name: str, param: str | None = None) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise invalid(param or name, f"{param or name}: must be a whole number of at least 1.", "invalid_value")
+    return value
 
 
 def _max_output(api: str, parsed: dict) -> int | None:
     if api == CHAT:
-        return _positive(parsed.get("max_completion_tokens")) or _positive(parsed.get("max_tokens"))
+        completion, legacy = _limit(parsed, "max_completion_tokens"), _limit(parsed, "max_tokens")
+        return completion or legacy
     if api == RESPONSES:
-        return _positive(parsed.get("max_output_tokens"))
+        return _limit(parsed, "max_output_tokens")
     if api == MESSAGES:
-        value = _positive(parsed.get("max_tokens"))
+        value = _limit(parsed, "max_tokens")
         if value is None:
             raise invalid("max_tokens", "max_tokens: Field required (a positive integer).", "missing_max_tokens")
         return value
-    config = parsed.get("generationConfig", parsed.get("generation_config"))
-    if isinstance(config, dict):
-        return _positive(config.get("maxOutputTokens", config.get("max_output_tokens")))
+    for key in ("generationConfig", "generation_config"):
+        config = parsed.get(key)
+        if config is None:
+            continue
+        if not isinstance(config, dict):
+            raise invalid(key, f"{key}: must be an object.", "invalid_type")
+        for name in ("maxOutputTokens", "max_output_tokens"):
+            if config.get(name) is not None:
+                return _limit(config, name, f"{key}.{name}")
     return None
 
 

@@ -21,7 +21,7 @@ from app.proxy.calls import Call
 from app.proxy.client import Response, UpstreamError
 from app.proxy.gateway import LLMGateway
 from app.proxy.recorder import Entry
-from app.proxy.usage import cost, from_body, meter_for, normalize
+from app.proxy.usage import Usage, cost, estimated, from_body, meter_for, normalize
 
 log = logging.getLogger(__name__)
 # How long a call runs before the gateway watches for its client's disconnect. A client that
@@ -36,14 +36,20 @@ class ProxyResponse:
         self.family = family  # the error shape of the gateway's own errors
         self.status: int | None = None
         self.raw_usage: dict | None = None
+        self.final = False  # raw_usage is the upstream's last word (not a running count)
+        self.text_bytes = 0  # generated text seen, for an estimate when the final usage never comes
+        self.streamed = False  # the answer was metered as a stream
         self.ttfb: float | None = None
         self.started = False  # the response's head went out
         self.done = False  # ... and its last byte
+        self.answered = False  # the upstream's head came: it is generating, and billing
         self.disconnected = False
+        self._task: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
         # A call that ends within WATCH_AFTER needs no watcher task: making and cancelling one
         # costs more than anything else the gateway adds to a fast call.
         start_watching = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watching, receive, task)
@@ -58,6 +64,8 @@ class ProxyResponse:
             start_watching.cancel()
             if self._watcher is not None:
                 self._watcher.cancel()
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
             self._record()
 
     def _start_watching(self, receive, task: asyncio.Task) -> None:
@@ -67,9 +75,29 @@ class ProxyResponse:
     async def _watch(self, receive, task: asyncio.Task) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self.done:
-            self.disconnected = True
-            task.cancel()
+        self._client_left()
+
+    def _client_left(self) -> None:
+        """Before the upstream answered, its request is closed at once (nothing was generated
+        that the gateway could meter). After, the provider is generating and bills for it: the
+        upstream is read on, sending nothing, until its usage comes or `drain_seconds` pass."""
+        if self.done or self.disconnected:
+            return
+        self.disconnected = True
+        drain = self.gateway.drain_seconds
+        if self.answered and drain > 0 and self._task is not None:
+            self._drain_timer = asyncio.get_running_loop().call_later(drain, self._task.cancel)
+        elif self._task is not None:
+            self._task.cancel()
+
+    async def _send(self, send, message: dict) -> None:
+        """To the client, unless it left; a server that raises for a client gone (ASGI 2.4) says so."""
+        if self.disconnected:
+            return
+        try:
+            await send(message)
+        except OSError:
+            self._client_left()
 
     async def _forward(self, scope, receive, send) -> None:
         call = self.call
@@ -77,11 +105,15 @@ class ProxyResponse:
         response = None
         try:
             response = await pool.post(call.url, call.headers, call.body)
+            self.answered = True
             self.status = response.status
             headers = upstream.response_headers(response.raw_headers, call.id)
-            if call.stream and 200 <= response.status < 300 and (
-                    call.api == "gemini" or b"event-stream" in (response.header(b"content-type") or b"")):
-                await self._stream(response, headers, send)
+            content_type = response.header(b"content-type") or b""
+            # Metered by what the upstream sent, whatever the request said: an event stream is
+            # read as one (a Gemini stream without alt=sse is a JSON array, read as it comes).
+            sse = b"event-stream" in content_type
+            if 200 <= response.status < 300 and (sse or (call.stream and call.api == "gemini")):
+                await self._stream(response, headers, send, sse)
             else:
                 body = await response.read()
                 await self._whole(response.status, headers, body, send)
@@ -109,33 +141,40 @@ class ProxyResponse:
 
     async def _whole(self, status: int, headers: list, body: bytes, send) -> None:
         if 200 <= status < 300:
-            self.raw_usage = from_body(self.call.api, body)
+            self.raw_usage, self.text_bytes = from_body(self.call.api, body)
+            self.final = self.raw_usage is not None
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send(send, {"type": "http.response.start", "status": status, "headers": headers})
         self.ttfb = time.perf_counter()
-        self.done = True
-        await send({"type": "http.response.body", "body": body})
+        self.done = not self.disconnected
+        await self._send(send, {"type": "http.response.body", "body": body})
 
-    async def _stream(self, response: Response, headers: list, send) -> None:
+    async def _stream(self, response: Response, headers: list, send, sse: bool) -> None:
         call = self.call
-        meter = meter_for(call.api, strip=call.strip_usage, sse=call.sse)
-        strip = call.strip_usage
+        strip = call.strip_usage and sse
+        meter = meter_for(call.api, strip=strip, sse=sse)
+        self.streamed = True
         self.started = True
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await self._send(send, {"type": "http.response.start", "status": response.status, "headers": headers})
         message = {"type": "http.response.body", "body": b"", "more_body": True}
+        tail = b""
         try:
             async for chunk in response.iter_chunks():
                 if self.ttfb is None:
                     self.ttfb = time.perf_counter()
                 if strip:
                     chunk = meter.filter(chunk)
-                    if not chunk:
-                        continue
-                message["body"] = chunk
-                await send(message)  # first to the client, then to the meter
+                if chunk and not self.disconnected:
+                    message["body"] = chunk
+                    try:
+                        await send(message)  # first to the client, then to the meter
+                    except OSError:  # a server that raises for a client gone (ASGI 2.4)
+                        self._client_left()
                 if not strip:
                     meter.feed(chunk)
+                if self.disconnected and meter.final:
+                    return  # what the gateway read on for, after the client left; the rest goes unread
         except UpstreamError as exc:
             # The upstream broke off mid-stream. Charge what it reported so far, and end the
             # client's response the same way (without its last chunk), so its SDK raises too.
@@ -143,28 +182,40 @@ class ProxyResponse:
             return
         finally:
             # Also on a disconnect (cancellation): what was metered so far is what is charged.
-            tail = meter.flush() if strip else b""
-            if not strip:
+            if strip:
+                tail = meter.flush()
+            else:
                 meter.finish()
-            self.raw_usage = meter.raw
-        self.done = True
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+            self.raw_usage, self.final, self.text_bytes = meter.raw, meter.final, meter.text_bytes
+        self.done = not self.disconnected
+        await self._send(send, {"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _usage(self) -> tuple[Usage | None, bool]:
+        """What the call is charged for, and whether that is an estimate: the upstream's final count;
+        else, for an answer that was begun (the client left, or the upstream broke off or never
+        reported), an estimate from what it reported and generated; else nothing."""
+        call, raw = self.call, self.raw_usage
+        if raw is not None and self.final:
+            return normalize(call.api, raw), False
+        if self.status is not None and 200 <= self.status < 300 and (raw is not None or self.text_bytes):
+            return estimated(call.api, raw, call.input_estimate, self.text_bytes), True
+        return None, False
 
     def _record(self) -> None:
         call = self.call
-        raw = self.raw_usage
-        usage = normalize(call.api, raw) if raw is not None else None
+        usage, guessed = self._usage()
         ended = time.perf_counter()
         # What to release in the database: the call's hold, unless it went with a lost lease.
         held = self.gateway.holds.finish(call.principal.account_id, call.held) if call.held else 0
         self.gateway.recorder.record(Entry(
             id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
-            model=call.model.name, api_format=call.api, stream=call.stream,
+            model=call.model.name, api_format=call.api, stream=call.stream or self.streamed,
             input_tokens=usage.input_tokens if usage else 0, output_tokens=usage.output_tokens if usage else 0,
             cached_tokens=usage.cached_tokens if usage else 0,
             reasoning_tokens=usage.reasoning_tokens if usage else 0,
-            usage_reported=usage is not None, cost=cost(call.model, usage) if usage else 0,
+            usage_reported=self.raw_usage is not None, cost=cost(call.model, usage) if usage else 0,
             upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
             ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
             client_disconnected=self.disconnected, created_at=call.created_at, held=held,
+            usage_estimated=guessed,
         ))

@@ -49,9 +49,12 @@ def check(catalog: Catalog) -> None:
 
 
 class LLMGateway:
-    def __init__(self, database_url: str, catalog: Catalog, *, https_proxy: str | None = None, no_proxy: str = ""):
+    def __init__(self, database_url: str, catalog: Catalog, *, https_proxy: str | None = None, no_proxy: str = "",
+                 drain_seconds: float = 5.0):
         check(catalog)
         self.catalog = catalog
+        # How long a call whose client left is read on for the upstream's usage (Settings).
+        self.drain_seconds = drain_seconds
         self.https_proxy, self.no_proxy = https_proxy, no_proxy
         # Hold top-ups and renewals run as sync transactions in a worker thread: one thread
         # hop per transaction instead of one per statement (measured 3x cheaper on SQLite).

@@ -32,9 +32,8 @@ def anthropic(models: list[Model], *, limit: int = 20, after_id: str | None = No
             "last_id": data[-1]["id"] if data else None}
 
 
-def gemini(models: list[Model], *, page_size: int = 50, page_token: str | None = None) -> dict:
-    """Gemini's list (`models`, `nextPageToken`); the page token is the index to start at."""
-    start = int(page_token) if page_token and page_token.isdigit() else 0
+def gemini(models: list[Model], *, page_size: int = 50, start: int = 0) -> dict:
+    """Gemini's list (`models`, `nextPageToken`); `start` is the page token: the index to start at."""
     page = models[start:start + page_size]
     body: dict = {"models": [{
         "name": f"models/{m.name}", "baseModelId": m.name, "version": "001", "displayName": m.name,

@@ -69,6 +69,7 @@ class Entry:
     client_disconnected: bool
     created_at: datetime
     held: int  # of this process's hold row: what to release there (0 if its lease was lost)
+    usage_estimated: bool = False  # charged from an estimate: the upstream's final usage never came
     owner: str = ""  # the hold row's owner; `UsageRecorder.record` fills it in
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import datetime
 
 from sqlalchemy import Connection, select
 
-from app import money
-from app.errors import invalid
+from app import money, params
 from app.keys import DISPLAY_CHARS
 from app.models import ApiKey, UsageRecord
 from app.pagination import decode_cursor, encode_cursor, older_than
@@ -23,7 +22,7 @@ DEFAULT_LIMIT = 50
 # The CSV's columns, in order; each is the same-named field of a JSON row.
 COLUMNS = ("id", "created_at", "model", "api_format", "stream", "input_tokens", "output_tokens", "cached_tokens",
            "reasoning_tokens", "usage_reported", "cost", "upstream_status", "latency_ms", "ttfb_ms",
-           "client_disconnected", "key_id", "key_prefix")
+           "client_disconnected", "key_id", "key_prefix", "usage_estimated")
 
 
 @dataclass(frozen=True)
@@ -35,44 +34,25 @@ class Filters:
     key_prefix: str | None = None
 
 
-def _when(value: str, param: str, *, end: bool) -> datetime:
-    try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            moment = datetime.combine(day + timedelta(days=1) if end else day, time(), tzinfo=timezone.utc)
-        else:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
-            if end:
-                moment += timedelta(microseconds=1)  # a moment given as `to` is included
-    except ValueError:
-        raise invalid(param, f"{param}: expected a date (2025-01-31) or an ISO 8601 time, got {value!r}.") from None
-    return moment
-
-
-def parse_filters(params) -> Filters:
+def parse_filters(query) -> Filters:
     """`from`, `to` (dates include the whole day), `model`, `key` (an id or a key's prefix)."""
-    key = params.get("key") or None
+    key = query.get("key") or None
     key_id = key_prefix = None
     if key is not None:
-        if key.isdigit():
-            key_id = int(key)
+        if params.is_whole(key):
+            key_id = params.integer(key, "key", minimum=1, maximum=params.INT32_MAX)
         else:
-            key_prefix = key[:DISPLAY_CHARS]
+            key_prefix = params.text(key, "key")[:DISPLAY_CHARS]
+    model = query.get("model") or None
     return Filters(
-        since=_when(params["from"], "from", end=False) if params.get("from") else None,
-        until=_when(params["to"], "to", end=True) if params.get("to") else None,
-        model=params.get("model") or None, key_id=key_id, key_prefix=key_prefix,
+        since=params.moment(query["from"], "from") if query.get("from") else None,
+        until=params.moment(query["to"], "to", end=True) if query.get("to") else None,
+        model=params.text(model, "model") if model else None, key_id=key_id, key_prefix=key_prefix,
     )
 
 
 def parse_limit(value: str | None) -> int:
-    if value is None:
-        return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
-        raise invalid("limit", f"limit: a whole number from 1 to {MAX_LIMIT}.")
-    return int(value)
+    return params.optional_integer(value, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
 
 
 def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | None = None,
@@ -112,6 +92,7 @@ def _row(record: UsageRecord, prefix: str | None) -> dict:
         "cost": f"{money.to_decimal(record.cost):.9f}",
         "upstream_status": record.upstream_status, "latency_ms": record.latency_ms, "ttfb_ms": record.ttfb_ms,
         "client_disconnected": record.client_disconnected, "key_id": record.api_key_id, "key_prefix": prefix,
+        "usage_estimated": record.usage_estimated,
     }
 
 

@@ -12,9 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from app import pagination
+from app import pagination, params
 from app.auth import require
-from app.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, APIError, server_error
+from app.db import UNAVAILABLE
+from app.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, APIError, server_error, unavailable
 from app.proxy import calls, models_list, records
 from app.proxy.forward import ProxyResponse
 from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
@@ -48,6 +49,11 @@ class Passthrough:
             await error.response(self.family)(scope, receive, send)
         except calls.ClientGone:
             pass
+        except UNAVAILABLE as exc:  # the database is down: auth or the hold could not be had
+            if response is not None and response.started:
+                raise
+            state.outage.failed(exc, f"{scope['method']} {scope['path']}")
+            await unavailable().response(self.family)(scope, receive, send)
         except Exception:
             if response is not None and response.started:
                 raise  # the server ends the broken response
@@ -61,19 +67,20 @@ def _models(request: Request, *apis: str) -> list:
 
 async def _anthropic_models(request: Request) -> JSONResponse:
     await require(request)
-    params = request.query_params
-    limit = params.get("limit", "20")
+    query = request.query_params
     return JSONResponse(models_list.anthropic(
-        _models(request, MESSAGES), limit=min(int(limit), 1000) if limit.isdigit() and int(limit) > 0 else 20,
-        after_id=params.get("after_id"), before_id=params.get("before_id")))
+        _models(request, MESSAGES), limit=params.optional_integer(query.get("limit"), "limit", 20, minimum=1,
+                                                                  maximum=1000),
+        after_id=query.get("after_id"), before_id=query.get("before_id")))
 
 
 async def _gemini_models(request: Request) -> JSONResponse:
     await require(request, google=True)
-    size = request.query_params.get("pageSize", "50")
+    query = request.query_params
     return JSONResponse(models_list.gemini(
-        _models(request, GEMINI), page_size=min(int(size), 1000) if size.isdigit() and int(size) > 0 else 50,
-        page_token=request.query_params.get("pageToken")))
+        _models(request, GEMINI),
+        page_size=params.optional_integer(query.get("pageSize"), "pageSize", 50, minimum=1, maximum=1000),
+        start=params.optional_integer(query.get("pageToken"), "pageToken", 0)))
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -102,20 +109,20 @@ async def list_gemini_models(request: Request) -> JSONResponse:
 async def usage(request: Request):
     """GET /v1/usage: the key's account's records, newest first; `?format=csv` streams them all."""
     principal = await require(request)
-    params = request.query_params
-    filters = records.parse_filters(params)
+    query = request.query_params
+    filters = records.parse_filters(query)
+    limit = records.parse_limit(query.get("limit"))
     engine = request.app.state.engine
     await request.app.state.llm.written()  # a script that calls and then lists sees its call
-    if params.get("format") == "csv":
-        cursor = params.get("cursor")
+    if query.get("format") == "csv":
+        cursor = query.get("cursor")
         if cursor:
             pagination.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
         return StreamingResponse(_csv(engine, principal.account_id, filters, cursor), media_type="text/csv",
                                  headers={"content-disposition": 'attachment; filename="usage.csv"'})
-    limit = records.parse_limit(params.get("limit"))
     async with engine.connect() as conn:
         rows, next_cursor = await conn.run_sync(records.page, principal.account_id, filters,
-                                                cursor=params.get("cursor"), limit=limit)
+                                                cursor=query.get("cursor"), limit=limit)
     return JSONResponse({"object": "list", "data": rows, "has_more": next_cursor is not None,
                          "next_cursor": next_cursor})
 

@@ -28,6 +28,29 @@ MAX_LINE = 16 * 1024 * 1024  # a longer unfinished line is dropped from metering
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_METADATA = re.compile(rb'"usageMetadata"\s*:\s*\{')
 _TOKENS_PER_MTOK = 1_000_000
+# When the upstream's usage never comes, output is estimated from the generated text: at least a
+# token per this many bytes of it (English runs about 4 characters a token; other scripts fewer).
+BYTES_PER_TOKEN = 4
+_STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a JSON string's raw bytes, escapes included
+
+
+def _text_fields(*names: str) -> re.Pattern[bytes]:
+    return re.compile(rb'"(?:' + b"|".join(n.encode() for n in names) + rb')"\s*:\s*' + _STRING)
+
+
+# Where each format's stream carries generated text (content, reasoning, tool-call arguments);
+# Responses repeats the whole text in its `.done` events, so only its `delta`s count.
+CHAT_TEXT = _text_fields("content", "reasoning_content", "reasoning", "refusal", "arguments")
+RESPONSES_TEXT = _text_fields("delta")
+MESSAGES_TEXT = _text_fields("text", "thinking", "partial_json")
+GEMINI_TEXT = _text_fields("text")
+# The same in a whole (non-streamed) answer's JSON.
+BODY_TEXT_KEYS = {
+    CHAT: frozenset({"content", "reasoning_content", "reasoning", "refusal", "arguments"}),
+    RESPONSES: frozenset({"text", "arguments"}),
+    MESSAGES: frozenset({"text", "thinking"}),
+    GEMINI: frozenset({"text"}),
+}
 
 
 @dataclass
@@ -97,6 +120,34 @@ def estimate(model: Model, input_tokens: int, output_tokens: int) -> int:
     return cost(model, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
 
+def estimated(api: str, raw: dict | None, input_tokens: int, text_bytes: int) -> Usage:
+    """The usage to charge when the upstream's final count never came: what it reported so far,
+    the input as the hold estimated it unless reported, and the output at least a token per
+    BYTES_PER_TOKEN bytes of the text that was generated."""
+    reported = normalize(api, raw) if raw is not None else Usage()
+    reported.input_tokens = reported.input_tokens or input_tokens
+    reported.output_tokens = max(reported.output_tokens, -(-text_bytes // BYTES_PER_TOKEN))
+    return reported
+
+
+def text_bytes(api: str, obj) -> int:
+    """The bytes of generated text in a whole answer's parsed JSON."""
+    keys = BODY_TEXT_KEYS[api]
+    total, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, str):
+                    if key in keys:
+                        total += len(value.encode("utf-8", "replace"))
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(value for value in item if isinstance(value, (dict, list)))
+    return total
+
+
 def loads(data: bytes):
     """JSON from bytes with orjson (4x faster than json on a small body, 2x on a
     long conversation); json reads what orjson refuses but json accepts (NaN, lone
@@ -107,38 +158,53 @@ def loads(data: bytes):
         return json.loads(data)
 
 
-def from_body(api: str, body: bytes) -> dict | None:
-    """The raw usage object of a whole (non-streamed) JSON response, or None."""
+def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
+    """The raw usage object of a whole (non-streamed) JSON response (None if it has none), and
+    the bytes of generated text in it."""
     try:
         obj = loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, 0
     if not isinstance(obj, dict):
-        return None
+        return None, 0
     raw = obj.get("usageMetadata" if api == GEMINI else "usage")
-    return raw if isinstance(raw, dict) else None
+    return (raw if isinstance(raw, dict) else None), text_bytes(api, obj)
 
 
 class SSEMeter:
-    """Meters a server-sent-event stream; `feed` every chunk, then `finish`."""
+    """Meters a server-sent-event stream; `feed` every chunk, then `finish`.
+
+    `raw` is the usage reported so far and `final` whether it is the upstream's last word;
+    until it is, `text_bytes` counts the generated text, for an estimate should it never come.
+    """
 
     marker = _USAGE
+    text = CHAT_TEXT
 
     def __init__(self, api: str):
         self.api = api
         self.raw: dict | None = None
+        self.final = False
+        self.text_bytes = 0
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
         data = self._tail + chunk if self._tail else chunk
         cut = data.rfind(b"\n") + 1
         self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
-        if cut and self.marker.search(data, 0, cut):
-            for line in data[:cut].split(b"\n"):
-                self._line(line)
+        if cut:
+            self._count(data, cut)
+            if self.marker.search(data, 0, cut):
+                for line in data[:cut].split(b"\n"):
+                    self._line(line)
+
+    def _count(self, data: bytes, end: int) -> None:
+        if not self.final:
+            self.text_bytes += sum(map(len, self.text.findall(data, 0, end)))
 
     def finish(self) -> None:
         tail, self._tail = self._tail, b""
+        self._count(tail, len(tail))
         self._line(tail)
 
     def _line(self, line: bytes) -> None:
@@ -152,20 +218,26 @@ class SSEMeter:
             self.event(event)
 
     def event(self, event: dict) -> None:
-        """Take the usage out of one decoded event (chat and Gemini: the event's own)."""
+        """Take the usage out of one decoded event (chat: the include_usage chunk, the last)."""
         raw = event.get("usage")
         if isinstance(raw, dict):
             self.raw = raw
+            self.final = True
 
 
 class ResponsesMeter(SSEMeter):
+    text = RESPONSES_TEXT
+
     def event(self, event: dict) -> None:
         response = event.get("response")
         if isinstance(response, dict) and isinstance(response.get("usage"), dict):
             self.raw = response["usage"]
+            self.final = True  # response.completed, .incomplete or .failed: the last event
 
 
 class MessagesMeter(SSEMeter):
+    text = MESSAGES_TEXT
+
     def event(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "message_start" and isinstance(event.get("message"), dict):
@@ -177,15 +249,24 @@ class MessagesMeter(SSEMeter):
             merged = dict(self.raw or {})
             merged.update({k: v for k, v in event["usage"].items() if v is not None})
             self.raw = merged
+            self.final = True  # message_delta comes once, after the last content block
+
+
+def _finished(event: dict) -> bool:
+    """A Gemini chunk whose candidates carry a finishReason: the last, with the final usage."""
+    candidates = event.get("candidates")
+    return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
 
 
 class GeminiSSEMeter(SSEMeter):
     marker = _USAGE_METADATA
+    text = GEMINI_TEXT
 
     def event(self, event: dict) -> None:
         raw = event.get("usageMetadata")
         if isinstance(raw, dict):
-            self.raw = raw
+            self.raw = raw  # every chunk repeats the running totals
+            self.final = self.final or _finished(event)
 
 
 class ChatStripMeter(SSEMeter):
@@ -205,6 +286,8 @@ class ChatStripMeter(SSEMeter):
         cut = data.rfind(b"\n") + 1
         self._tail = data[cut:]
         out = data[:cut]
+        if out:
+            self._count(out, len(out))
         if self._skip_blank and out:
             self._skip_blank = False
             if out.startswith(b"\r\n"):
@@ -235,6 +318,7 @@ class ChatStripMeter(SSEMeter):
     def flush(self) -> bytes:
         """The last unfinished line, at the end of the stream."""
         tail, self._tail = self._tail, b""
+        self._count(tail, len(tail))
         return b"" if self._usage_only(tail) else tail
 
     def _usage_only(self, line: bytes) -> bool:
@@ -247,6 +331,7 @@ class ChatStripMeter(SSEMeter):
         if not isinstance(event, dict) or not isinstance(event.get("usage"), dict):
             return False
         self.raw = event["usage"]
+        self.final = True
         return not event.get("choices")
 
 
@@ -256,10 +341,17 @@ class GeminiArrayMeter:
     def __init__(self, api: str = GEMINI):
         self.api = api
         self.raw: dict | None = None
+        self.final = False
+        self.text_bytes = 0
+        self._finishing = False  # a finishReason was seen: the usage after it is the last
         self._buf = b""
         self._decoder = json.JSONDecoder()
 
     def feed(self, chunk: bytes) -> None:
+        if not self.final:
+            # Per chunk: a text split across two chunks goes uncounted (Gemini sends whole elements).
+            self.text_bytes += sum(map(len, GEMINI_TEXT.findall(chunk)))
+            self._finishing = self._finishing or b'"finishReason"' in chunk
         buf = self._buf + chunk
         while True:
             match = _USAGE_METADATA.search(buf)
@@ -275,6 +367,7 @@ class GeminiArrayMeter:
                 return
             if isinstance(obj, dict):
                 self.raw = obj
+                self.final = self.final or self._finishing
             buf = buf[start + length:]
 
     def finish(self) -> None:

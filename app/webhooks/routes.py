@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from app import params
 from app.auth import require
 from app.db import run
 from app.errors import not_found
@@ -33,8 +34,10 @@ def _no_task(task_id: str):
 async def list_deliveries(request: Request) -> JSONResponse:
     principal = await require(request)
     task_id = request.path_params["task_id"]
-    async with request.app.state.engine.connect() as conn:
-        deliveries = await conn.run_sync(service.list_for_task, principal.account_id, task_id)
+    deliveries = None
+    if params.is_id(task_id):
+        async with request.app.state.engine.connect() as conn:
+            deliveries = await conn.run_sync(service.list_for_task, principal.account_id, task_id)
     if deliveries is None:
         raise _no_task(task_id)
     return JSONResponse({"object": "list", "data": deliveries})
@@ -44,6 +47,8 @@ async def redeliver(request: Request) -> JSONResponse:
     principal = await require(request)
     state = request.app.state
     task_id = request.path_params["task_id"]
+    if not params.is_id(task_id):
+        raise _no_task(task_id)
     delivery = await run(state.engine, service.redeliver, principal.account_id, task_id)
     if delivery is None:
         raise _no_task(task_id)

@@ -99,7 +99,7 @@ def test_csv_export_rows_are_exact(web, signed_in, engine):
         "stream": "true", "input_tokens": "1234", "output_tokens": "567", "cached_tokens": "1000",
         "reasoning_tokens": "89", "usage_reported": "true", "cost": "0.004372501", "upstream_status": "200",
         "latency_ms": "812", "ttfb_ms": "", "client_disconnected": "true", "key_id": str(key_b),
-        "key_prefix": prefix,
+        "key_prefix": prefix, "usage_estimated": "false",
     }]
     # One implementation: the API's CSV of the same filter is the same text.
     api = web.get("/v1/usage?format=csv&model=gpt-5.4", headers=signed_in.headers)

@@ -13,6 +13,9 @@ body, so tests running side by side don't step on each other:
     [drop:N]              stream N deltas, then break the connection
     [slow:MS]             wait MS milliseconds before each delta
     [wait:MS]             wait MS milliseconds before answering at all
+    [tail:MS]             stream the text, then wait MS milliseconds before the event with the final usage
+    [sse]                 stream the answer even when the request did not ask for a stream
+    [nousage]             Chat Completions: report no usage (a whole answer without `usage`, a stream without its chunk)
     [tag:NAME]            keep the exact bytes sent under NAME (see `sent`, `opened`, `closed`)
 
 A request without a field its provider requires (chat: model and messages; Responses: model;
@@ -66,6 +69,9 @@ class Plan:
         self.drop = marker(body, "drop")
         self.slow = marker(body, "slow", 0) / 1000
         self.wait = marker(body, "wait", 0) / 1000
+        self.tail = marker(body, "tail", 0) / 1000
+        self.sse = marker(body, "sse") is not None
+        self.no_usage = marker(body, "nousage") is not None
         # Text as sent: `marker` would turn an all-digit tag into a number (and lose leading zeros).
         tag = re.search(rb"\[tag:([^\]]*)\]", body)
         self.tag = tag.group(1).decode() if tag else None
@@ -81,11 +87,14 @@ def chat_usage(p: Plan) -> dict:
 
 
 def chat_body(p: Plan, model: str) -> bytes:
-    return _json({"id": "chatcmpl-fake1", "object": "chat.completion", "created": CREATED, "model": model,
-                  "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT, "refusal": None,
-                                                       "annotations": []},
-                               "logprobs": None, "finish_reason": "stop"}],
-                  "usage": chat_usage(p), "service_tier": "default", "system_fingerprint": "fp_fake"})
+    body = {"id": "chatcmpl-fake1", "object": "chat.completion", "created": CREATED, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": TEXT, "refusal": None,
+                                                 "annotations": []},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": chat_usage(p), "service_tier": "default", "system_fingerprint": "fp_fake"}
+    if p.no_usage:
+        del body["usage"]
+    return _json(body)
 
 
 def chat_events(p: Plan, model: str, include_usage: bool) -> list[bytes]:
@@ -327,22 +336,26 @@ class FakeLLMUpstream:
             if method == "generateContent":
                 return await self._whole(send, fmt, 200, gemini_body(p, model), p)
             sse = "alt=sse" in query
-            return await self._stream(send, receive, fmt, gemini_events(p, model, sse), p, offset=0,
+            events = gemini_events(p, model, sse)
+            return await self._stream(send, receive, fmt, events, p, offset=0, final=len(events) - 1,
                                       content_type=b"text/event-stream" if sse else b"application/json; charset=UTF-8")
         model = request["model"]
-        stream = request.get("stream") is True
+        stream = request.get("stream") is True or p.sse
         if path.endswith("/chat/completions"):
             if not stream:
                 return await self._whole(send, fmt, 200, chat_body(p, model), p)
-            include = (request.get("stream_options") or {}).get("include_usage") is True
-            return await self._stream(send, receive, fmt, chat_events(p, model, include), p, offset=1)
+            include = (request.get("stream_options") or {}).get("include_usage") is True and not p.no_usage
+            events = chat_events(p, model, include)
+            return await self._stream(send, receive, fmt, events, p, offset=1, final=len(events) - 2)
         if path.endswith("/responses"):
             if not stream:
                 return await self._whole(send, fmt, 200, responses_body(p, model), p)
-            return await self._stream(send, receive, fmt, responses_events(p, model), p, offset=4)
+            events = responses_events(p, model)
+            return await self._stream(send, receive, fmt, events, p, offset=4, final=len(events) - 1)
         if not stream:
             return await self._whole(send, fmt, 200, messages_body(p, model), p)
-        return await self._stream(send, receive, fmt, messages_events(p, model), p, offset=3)
+        events = messages_events(p, model)
+        return await self._stream(send, receive, fmt, events, p, offset=3, final=len(events) - 2)
 
     @staticmethod
     async def _client_left(receive, seconds: float) -> bool:
@@ -364,9 +377,10 @@ class FakeLLMUpstream:
             self.sent[p.tag] = body
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, send, receive, fmt, events, p: Plan, *, offset: int,
+    async def _stream(self, send, receive, fmt, events, p: Plan, *, offset: int, final: int,
                       content_type: bytes = b"text/event-stream; charset=utf-8"):
-        """Send `events`; `offset` is how many come before the first text delta."""
+        """Send `events`; `offset` is how many come before the first text delta, `final` the index of
+        the one with the final usage (before which `[tail:MS]` waits)."""
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"), *HEADERS[fmt]]})
         sent = b""
@@ -384,6 +398,8 @@ class FakeLLMUpstream:
                 return
             if index >= offset and p.slow:
                 await asyncio.sleep(p.slow)
+            if index == final and p.tail:
+                await asyncio.sleep(p.tail)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             sent += event
         if p.tag:  # before the last send: the client may have it all before this coroutine runs again

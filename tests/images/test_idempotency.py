@@ -39,6 +39,37 @@ def test_same_key_same_body_returns_the_first_answer_and_charges_once(client, en
     assert client.get("/v1/balance", headers=account.headers).json()["balance"] == "9.98800"
 
 
+@pytest.mark.parametrize("again", [
+    {**BODY, "size": None}, {**BODY, "size": "1:1"}, {**BODY, "resolution": None, "n": 1},
+    {**BODY, "image_urls": None, "webhook_url": None}, {**BODY, "image_urls": []},
+])
+def test_a_default_spelled_out_or_null_is_the_same_request(again, client, engine, account):
+    # `"size": null`, `"size": "1:1"` and no size all ask for the same task: a replay, not a 422.
+    key = uuid.uuid4().hex
+    first = post(client, account, BODY, key)
+    assert first.status_code == 202
+    replay = post(client, account, again, key)
+    assert replay.status_code == 202 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == first.json()
+    assert charges(engine, account.id) == 1
+
+
+def test_a_task_fingerprinted_by_its_raw_body_still_replays(client, engine, account):
+    # Tasks submitted before requests were fingerprinted by their validated form kept the hash
+    # of their raw body: within the 24 hours, the same body must still replay.
+    from app.images.routes import body_hash
+
+    key = uuid.uuid4().hex
+    first = post(client, account, BODY, key)
+    with engine.begin() as conn:
+        conn.execute(update(ImageTask).where(ImageTask.id == first.json()["task_id"])
+                     .values(request_hash=body_hash(BODY)))
+    replay = post(client, account, BODY, key)
+    assert replay.status_code == 202 and replay.json() == first.json()
+    assert post(client, account, {**BODY, "prompt": "another"}, key).status_code == 422
+    assert charges(engine, account.id) == 1
+
+
 def test_same_key_other_body_is_422(client, engine, account):
     key = uuid.uuid4().hex
     assert post(client, account, BODY, key).status_code == 202
@@ -144,10 +175,10 @@ def test_the_loser_of_an_insert_race_answers_with_the_winners_task(engine, make_
 
     def second():
         with engine.begin() as conn:
-            results.append(service.submit_once(conn, principal, request, key, "h"))
+            results.append(service.submit_once(conn, principal, request, key, ("h", "h")))
 
     with engine.begin() as conn:
-        first, replayed = service.submit_once(conn, principal, request, key, "h")
+        first, replayed = service.submit_once(conn, principal, request, key, ("h", "h"))
         assert not replayed
         thread = threading.Thread(target=second)
         thread.start()

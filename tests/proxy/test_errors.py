@@ -195,9 +195,10 @@ def test_silence_mid_stream_ends_the_stream_and_charges_what_was_reported(base, 
     assert got.count(b"event: content_block_delta") == 2  # what came before the silence came through
     assert llm_upstream.closed[name].wait(5)
     record = usage_rows(engine, account.id)[0]
-    # message_start reported 40 input tokens and 1 output token; nothing after.
+    # message_start reported 40 input tokens and 1 output token, and nothing came after it: the
+    # output is estimated from the 14 bytes of text streamed ("Hello from the"), 4 tokens.
     assert (record.upstream_status, record.usage_reported, record.client_disconnected) == (200, True, False)
-    assert (record.input_tokens, record.output_tokens) == (40, 1)
-    assert record.cost == 41 * 1000  # $1 per 1M tokens: 1,000 nano-dollars a token
+    assert record.usage_estimated and (record.input_tokens, record.output_tokens) == (40, 4)
+    assert record.cost == 44 * 1000  # $1 per 1M tokens: 1,000 nano-dollars a token
     balance, _, ledger = money_state(engine, account.id)
-    assert balance == ledger == 10 * 10**9 - 41_000
+    assert balance == ledger == 10 * 10**9 - 44_000

@@ -9,8 +9,8 @@ import pytest
 
 from app import money
 from app.catalog import Model, Provider
-from app.proxy.usage import (CHAT, GEMINI, MESSAGES, RESPONSES, ChatStripMeter, Usage, cost, estimate, from_body,
-                             meter_for, normalize)
+from app.proxy.usage import (CHAT, GEMINI, MESSAGES, RESPONSES, ChatStripMeter, Usage, cost, estimate, estimated,
+                             from_body, meter_for, normalize)
 from tests.fakes.llm import (Plan, chat_body, chat_events, gemini_body, gemini_events, messages_body, messages_events,
                              responses_body, responses_events)
 
@@ -63,12 +63,12 @@ def test_stream_meters_read_the_final_usage_however_the_bytes_come(name):
 @pytest.mark.parametrize("api,body", [(CHAT, chat_body(PLAN, "m")), (RESPONSES, responses_body(PLAN, "m")),
                                       (MESSAGES, messages_body(PLAN, "m")), (GEMINI, gemini_body(PLAN, "m"))])
 def test_whole_bodies(api, body):
-    assert normalize(api, from_body(api, body)) == EXPECTED[api]
+    assert normalize(api, from_body(api, body)[0]) == EXPECTED[api]
 
 
 def test_an_error_body_has_no_usage():
-    assert from_body(CHAT, b'{"error": {"message": "no"}}') is None
-    assert from_body(CHAT, b"not json") is None
+    assert from_body(CHAT, b'{"error": {"message": "no"}}') == (None, 0)
+    assert from_body(CHAT, b"not json") == (None, 0)
 
 
 def test_anthropic_partial_stream_charges_message_start_usage():
@@ -120,3 +120,73 @@ def test_cost_rounds_up_once_to_a_nano_dollar():
 
 def test_estimate_is_input_and_output_at_full_price():
     assert estimate(model("2.50", "10.00", "1.25"), 400, 100) == money.from_usd("0.002")
+
+
+TEXT_BYTES = len(b"Hello from the fake upstream.")
+EVENTS = {
+    CHAT: lambda: chat_events(PLAN, "m", include_usage=True),
+    RESPONSES: lambda: responses_events(PLAN, "m"),
+    MESSAGES: lambda: messages_events(PLAN, "m"),
+    GEMINI: lambda: gemini_events(PLAN, "m", sse=True),
+}
+
+
+@pytest.mark.parametrize("api", list(EVENTS))
+def test_a_whole_stream_ends_final_with_every_byte_of_text_counted(api):
+    events = EVENTS[api]()
+    for pieces in splits(b"".join(events)):
+        meter = meter_for(api)
+        for piece in pieces:
+            meter.feed(piece)
+        meter.finish()
+        assert meter.final and normalize(api, meter.raw) == EXPECTED[api]
+        # Counting stops once the final usage is in: nothing comes after it that would be charged.
+        assert meter.text_bytes == TEXT_BYTES
+
+
+@pytest.mark.parametrize("api", list(EVENTS))
+def test_a_stream_cut_before_its_usage_is_not_final(api):
+    events = EVENTS[api]()
+    cut = {CHAT: -2, RESPONSES: -1, MESSAGES: -2, GEMINI: -1}[api]  # the event with the final usage
+    meter = meter_for(api)
+    for event in events[:cut]:
+        meter.feed(event)
+    meter.finish()
+    assert not meter.final and meter.text_bytes > 0
+
+
+def test_gemini_array_meter_counts_text_and_knows_the_last_chunk():
+    events = gemini_events(PLAN, "m", sse=False)
+    meter = meter_for(GEMINI, sse=False)
+    for event in events[:-2]:  # the last element is "]" alone: stop before the last chunk
+        meter.feed(event)
+    assert not meter.final and meter.text_bytes > 0
+    for event in events[-2:]:
+        meter.feed(event)
+    assert meter.final and meter.text_bytes == TEXT_BYTES
+
+
+def test_strip_meter_counts_text_and_is_final_with_the_usage_chunk():
+    events = chat_events(PLAN, "gpt-4o", include_usage=True)
+    meter = ChatStripMeter()
+    for event in events[:-2]:
+        meter.filter(event)
+    assert not meter.final and meter.text_bytes == TEXT_BYTES
+    meter.filter(events[-2])
+    assert meter.final
+
+
+@pytest.mark.parametrize("api,body", [(CHAT, chat_body(PLAN, "m")), (RESPONSES, responses_body(PLAN, "m")),
+                                      (MESSAGES, messages_body(PLAN, "m")), (GEMINI, gemini_body(PLAN, "m"))])
+def test_whole_bodies_count_their_text(api, body):
+    assert from_body(api, body)[1] == TEXT_BYTES
+
+
+def test_an_estimate_takes_what_was_reported_and_at_least_a_token_per_four_bytes():
+    # Reported input is kept; output is the larger of the reported count and the text's estimate.
+    assert estimated(MESSAGES, {"input_tokens": 100, "output_tokens": 1}, 999, 10) == Usage(
+        input_tokens=100, output_tokens=3)
+    assert estimated(GEMINI, {"promptTokenCount": 7, "candidatesTokenCount": 40}, 999, 10) == Usage(
+        input_tokens=7, output_tokens=40)
+    # Nothing reported: the input as the hold estimated it.
+    assert estimated(CHAT, None, 250, 1) == Usage(input_tokens=250, output_tokens=1)

@@ -56,7 +56,7 @@ def test_newest_first_with_cursor_pages(client, funded, engine):
         "id": ids[-1], "created_at": "2025-03-03T00:00:00Z", "model": "gpt-4o", "api_format": "chat",
         "stream": True, "input_tokens": 106, "output_tokens": 10, "cached_tokens": 0, "reasoning_tokens": 0,
         "usage_reported": True, "cost": "0.001234573", "upstream_status": 200, "latency_ms": 50, "ttfb_ms": 20,
-        "client_disconnected": False, "key_id": key_id, "key_prefix": account.key[:12]}
+        "client_disconnected": False, "key_id": key_id, "key_prefix": account.key[:12], "usage_estimated": False}
 
 
 def test_filters_by_date_model_and_key(client, funded, engine):
