@@ -145,10 +145,15 @@ class ProxyResponse:
             self.final = self.raw_usage is not None
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
-        await self._send(send, {"type": "http.response.start", "status": status, "headers": headers})
-        self.ttfb = time.perf_counter()
-        self.done = not self.disconnected
-        await self._send(send, {"type": "http.response.body", "body": body})
+        if self.disconnected:
+            return  # read on for its usage after the client left: nobody to send it to
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            self.ttfb = time.perf_counter()
+            self.done = True
+            await send({"type": "http.response.body", "body": body})
+        except OSError:  # a server that raises for a client gone (ASGI 2.4)
+            self._client_left()
 
     async def _stream(self, response: Response, headers: list, send, sse: bool) -> None:
         call = self.call

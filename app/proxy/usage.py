@@ -159,8 +159,8 @@ def loads(data: bytes):
 
 
 def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
-    """The raw usage object of a whole (non-streamed) JSON response (None if it has none), and
-    the bytes of generated text in it."""
+    """The raw usage object of a whole (non-streamed) JSON response, or None and the bytes of
+    generated text in it (for an estimate)."""
     try:
         obj = loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -168,7 +168,9 @@ def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
     if not isinstance(obj, dict):
         return None, 0
     raw = obj.get("usageMetadata" if api == GEMINI else "usage")
-    return (raw if isinstance(raw, dict) else None), text_bytes(api, obj)
+    if isinstance(raw, dict):
+        return raw, 0  # the text is counted only for an estimate, which a reported usage makes needless
+    return None, text_bytes(api, obj)
 
 
 class SSEMeter:

@@ -178,8 +178,12 @@ def test_strip_meter_counts_text_and_is_final_with_the_usage_chunk():
 
 @pytest.mark.parametrize("api,body", [(CHAT, chat_body(PLAN, "m")), (RESPONSES, responses_body(PLAN, "m")),
                                       (MESSAGES, messages_body(PLAN, "m")), (GEMINI, gemini_body(PLAN, "m"))])
-def test_whole_bodies_count_their_text(api, body):
-    assert from_body(api, body)[1] == TEXT_BYTES
+def test_whole_bodies_without_usage_count_their_text(api, body):
+    # Counted only when there is no usage to charge: then it is what the estimate is made from.
+    assert from_body(api, body)[1] == 0
+    bare = json.loads(body)
+    del bare["usageMetadata" if api == GEMINI else "usage"]
+    assert from_body(api, json.dumps(bare).encode()) == (None, TEXT_BYTES)
 
 
 def test_an_estimate_takes_what_was_reported_and_at_least_a_token_per_four_bytes():
