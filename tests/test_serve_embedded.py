@@ -92,8 +92,8 @@ def test_quick_start_serves_and_completes_a_task_with_no_other_service(served):
     assert health == {"status": "ok", "database": "ok", "broker": "ok", "usage_writer": "ok"}
 
 
-def _readme_block(language: str, after: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _readme_block(language: str, after: str, doc: str = "README.md") -> str:
+    text = (ROOT / doc).read_text()
     start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
     return text[start:text.index("```", start)]
 
@@ -101,6 +101,9 @@ def _readme_block(language: str, after: str) -> str:
 def test_the_readme_curl_and_python_examples_work_verbatim(served, tmp_path):
     base, log_path = served
     key = re.search(r"llm_[A-Za-z0-9_-]{32,}", log_path.read_text()).group(0)
+    # The quick start shows what the first start prints: only the key differs.
+    printed = re.escape(_readme_block("", "prints its API key once:"))
+    assert re.search(printed.replace(re.escape("llm_..."), "llm_[A-Za-z0-9_-]{32,}"), log_path.read_text())
     env = {**os.environ, "KEY": key}
     # Only the address differs from the README: this server listens on a free port.
     shell = _readme_block("sh", "### Submit and poll with curl").replace("http://127.0.0.1:8000", base)
@@ -112,7 +115,7 @@ def test_the_readme_curl_and_python_examples_work_verbatim(served, tmp_path):
     assert '"status":"completed"' in out.stdout.replace(" ", "")
     assert '"balance":"9.99900"' in out.stdout.replace(" ", "")
 
-    python = _readme_block("python", "### Python\n").replace("http://127.0.0.1:8000", base)
+    python = _readme_block("python", "### Python\n", "docs/api.md").replace("http://127.0.0.1:8000", base)
     out = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,7 @@
-"""The README's LLM integration examples work as written against a local gateway.
+"""The documented LLM examples work as written against a local gateway: the README's "Call an
+LLM" and the integration examples of docs/api.md.
 
-Every example is read from the README itself. Only the host (`http://127.0.0.1:8000`) and the
+Every example is read from the file itself. Only the host (`http://127.0.0.1:8000`) and the
 key placeholder are replaced, by the test gateway's address and a funded account's key. Hermes
 Agent and OpenClaw are not installed here: their configs are read as the tools read them
 (the rules the hosted service's documentation gives) and called with the SDK each tool uses.
@@ -21,13 +22,15 @@ from app import money
 from tests.fakes.llm import TEXT
 from tests.proxy.conftest import money_state, usage_rows
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+API_DOC = ROOT / "docs" / "api.md"
 HOST = "http://127.0.0.1:8000"
 PLACEHOLDER = "llm_YOUR_API_KEY"
 
 
 def subsection(title: str) -> str:
-    section = README.read_text().split("<!-- section:llm -->")[1].split("<!-- /section:llm -->")[0]
+    section = API_DOC.read_text().split("<!-- section:llm -->")[1].split("<!-- /section:llm -->")[0]
     return section.split(f"\n### {title}\n")[1].split("\n### ")[0]
 
 
@@ -53,7 +56,7 @@ def test_python_sdk_examples(gateway, account, engine, capsys):
     examples = blocks(subsection("Python SDKs"), "python")
     assert len(examples) == 3  # OpenAI (chat and responses), Anthropic, Google
     for code in examples:
-        exec(compile(local(code, gateway, account.key), "README.md", "exec"), {})
+        exec(compile(local(code, gateway, account.key), "docs/api.md", "exec"), {})
     # Each of the four calls prints the whole text: the streams chunk by chunk.
     assert capsys.readouterr().out.count(TEXT) == 4
     check_records(engine, account, [("gpt-4o", "chat", True), ("gpt-5.4", "responses", False),
@@ -126,3 +129,19 @@ def test_curl_examples(gateway, account, engine, tmp_path):
     csv_lines = (tmp_path / "usage.csv").read_text().splitlines()
     assert len(csv_lines) == 1 and csv_lines[0].startswith("id,")
 
+
+
+def test_readme_call_an_llm(gateway, account, engine, capsys, monkeypatch, tmp_path):
+    """The README's first LLM call: the OpenAI SDK with the key in $KEY, then curl with $BASE and
+    $KEY as its image example sets them."""
+    part = README.read_text().split("\n### Call an LLM\n")[1].split("\n## ")[0]
+    (code,) = blocks(part, "python")
+    monkeypatch.setenv("KEY", account.key)
+    exec(compile(local(code, gateway, account.key), "README.md", "exec"), {})
+    assert capsys.readouterr().out == TEXT + "\n"
+    (script,) = blocks(part, "sh")
+    done = subprocess.run(["sh", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"KEY": account.key, "BASE": gateway.url + "/llm-api", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("data: ") >= 2 and "[DONE]" in done.stdout  # a stream of server-sent events
+    check_records(engine, account, [("gpt-4o", "chat", False), ("gpt-4o", "chat", True)])
