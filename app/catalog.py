@@ -19,12 +19,12 @@ SIZES = ("auto", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5"
 RESOLUTIONS = ("1k", "2k", "4k")
 SIZES_4K = ("16:9", "9:16", "1:2", "2:1", "21:9", "9:21")
 FORMATS = ("openai", "anthropic", "gemini", "local")
-APIS = ("image", "chat", "responses", "messages", "gemini")
+IMAGE = "image"  # the API of image models; LLM models name the API formats of app.proxy.formats
 BUILTIN = Path(__file__).with_name("catalog_builtin.toml")
 
 _PROVIDER_KEYS = {"format", "base_url", "api_key", "api_key_env", "timeout"}
 _MODEL_KEYS = {
-    "name", "provider", "api", "upstream_model", "prices", "sizes", "resolutions",
+    "name", "provider", "api", "apis", "upstream_model", "prices", "sizes", "resolutions",
     "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens", "description",
 }
 
@@ -46,7 +46,7 @@ class Provider:
 class Model:
     name: str
     provider: Provider
-    api: str
+    apis: tuple[str, ...]  # the APIs it is offered on: ("image",), or one or more LLM API formats
     upstream_model: str
     prices: Mapping[str, int] = field(default_factory=dict)  # image: resolution -> units per image
     sizes: tuple[str, ...] = SIZES
@@ -56,6 +56,10 @@ class Model:
     cached_input_per_mtok: int | None = None
     max_output_tokens: int | None = None
     description: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        return self.apis == (IMAGE,)
 
     def allowed_sizes(self, resolution: str) -> tuple[str, ...]:
         if resolution == "4k":
@@ -70,11 +74,12 @@ class Catalog:
 
     def get(self, name: str, api: str | tuple[str, ...]) -> Model | None:
         model = self.models.get(name)
-        apis = (api,) if isinstance(api, str) else api
-        return model if model is not None and model.api in apis else None
+        wanted = (api,) if isinstance(api, str) else api
+        return model if model is not None and any(a in wanted for a in model.apis) else None
 
     def of_api(self, *apis: str) -> list[Model]:
-        return [m for m in self.models.values() if m.api in apis]
+        """The models offered on any of `apis`."""
+        return [m for m in self.models.values() if any(a in apis for a in m.apis)]
 
 
 def _price(value, where: str) -> int:
@@ -136,16 +141,28 @@ def parse(text: str, environ: Mapping[str, str], *, source: str = "catalog", ski
             if skip_keyless:
                 continue
             raise CatalogError(f"{where}: provider {provider_name!r} is not defined")
-        api = table.get("api", "image")
-        if api not in APIS:
-            raise CatalogError(f"{where}: api must be one of {', '.join(APIS)}")
-        common = dict(name=name, provider=provider, api=api, upstream_model=table.get("upstream_model") or name,
+        apis = _apis(table, where)
+        common = dict(name=name, provider=provider, apis=apis, upstream_model=table.get("upstream_model") or name,
                       description=str(table.get("description") or ""))
-        if api == "image":
+        if apis == (IMAGE,):
             models[name] = _image_model(table, where, common)
         else:
             models[name] = _llm_model(table, where, common)
     return Catalog(providers=providers, models=models)
+
+
+def _apis(table: dict, where: str) -> tuple[str, ...]:
+    """`api = "chat"` or `apis = ["chat", "responses"]` (default: an image model). Which LLM
+    API names exist, and which provider formats serve them, the passthrough checks at startup."""
+    if "api" in table and "apis" in table:
+        raise CatalogError(f"{where}: give api or apis, not both")
+    apis = table.get("apis", [table.get("api", IMAGE)])
+    if (not isinstance(apis, list) or not apis or not all(isinstance(a, str) and a for a in apis)
+            or len(set(apis)) != len(apis)):
+        raise CatalogError(f"{where}: apis must be a list of distinct API names, e.g. [\"chat\", \"responses\"]")
+    if IMAGE in apis and len(apis) > 1:
+        raise CatalogError(f"{where}: an image model is offered on the image API alone")
+    return tuple(apis)
 
 
 def _image_model(table: dict, where: str, common: dict) -> Model:

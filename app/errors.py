@@ -12,6 +12,8 @@ from urllib.parse import parse_qs
 from starlette.responses import JSONResponse
 
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+# Every API route is served at the root and under this prefix (the hosted service's layout).
+API_PREFIX = "/llm-api"
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
@@ -95,8 +97,8 @@ def family_for(path: str, headers=None, query: str = "") -> str:
     """Which API family's error shape a path speaks (the /llm-api prefix is ignored). The shared
     model list speaks Anthropic's to a client sending `anthropic-version`, and Gemini's to one
     sending its key the Google way (`x-goog-api-key`, or `key=` in the query)."""
-    if path.startswith("/llm-api"):
-        path = path[len("/llm-api"):]
+    if path.startswith(API_PREFIX):
+        path = path[len(API_PREFIX):]
     if path.startswith("/anthropic") or path.startswith("/v1/messages"):
         return ANTHROPIC
     if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):

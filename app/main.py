@@ -19,9 +19,10 @@ from app import account_routes, auth, catalog, health, storage
 from app.dashboard import routes as dashboard_routes
 from app.db import UNAVAILABLE, OutageLog, make_async_engine, make_engine, open_psycopg_pool, run
 from app.dispatch import Relay
-from app.errors import APIError, family_for, invalid, server_error, unavailable
+from app.errors import API_PREFIX, APIError, family_for, invalid, server_error, unavailable
 from app.images import routes as image_routes
 from app.proxy import routes as proxy_routes
+from app.proxy.formats import FORMATS
 from app.proxy.gateway import LLMGateway
 from app.settings import Settings, get_settings
 from app.webhooks import routes as webhook_routes
@@ -34,9 +35,10 @@ KEY_USE_FLUSH_SECONDS = 30.0
 GC_THRESHOLD = 20_000
 
 
-def api_routes() -> list:
+def api_routes(passthrough: proxy_routes.Router) -> list:
     # The LLM passthrough first: it is the busiest path, and none of the others' paths overlap it.
-    return [*proxy_routes.routes, *image_routes.routes, *webhook_routes.routes, *account_routes.routes]
+    return [*passthrough.routes(), *proxy_routes.routes, *image_routes.routes, *webhook_routes.routes,
+            *account_routes.routes]
 
 
 async def _flush_key_use(app: Starlette) -> None:
@@ -57,6 +59,8 @@ class Gateway(Starlette):
     Everything else is routed as usual.
     """
 
+    passthrough: proxy_routes.Router  # the passthrough endpoints, from the formats table
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -64,7 +68,7 @@ class Gateway(Starlette):
         if scope["method"] == "POST":
             path = scope["path"]
             root = scope.get("root_path")
-            found = proxy_routes.match(path[len(root):] if root and path.startswith(root) else path)
+            found = self.passthrough.match(path[len(root):] if root and path.startswith(root) else path)
             if found is not None:
                 endpoint, target = found
                 scope["app"] = self
@@ -146,7 +150,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 await state.engine.dispose()
                 state.sync_engine.dispose()
 
-    routes = api_routes()
+    passthrough = proxy_routes.Router(FORMATS.values())
+    routes = api_routes(passthrough)
     static = StaticFiles(directory=str(settings.files_dir), check_dir=False)
     app = Gateway(
         routes=[
@@ -154,14 +159,15 @@ def create_app(settings: Settings | None = None) -> Gateway:
             Route("/", dashboard_routes.to_dashboard, methods=["GET"]),
             Mount("/dashboard", routes=dashboard_routes.routes),
             Mount("/files", app=static, name="files"),
-            Mount("/llm-api/files", app=static),
-            Mount("/llm-api", routes=routes),
+            Mount(API_PREFIX + "/files", app=static),
+            Mount(API_PREFIX, routes=routes),
             *routes,
         ],
         lifespan=lifespan,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone,
                             **{kind: _unavailable for kind in UNAVAILABLE}, Exception: _server_error},
     )
+    app.passthrough = passthrough
     app.state.settings = settings
     app.state.outage = OutageLog()
     app.state.catalog = offered

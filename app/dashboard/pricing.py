@@ -6,20 +6,19 @@ from decimal import Decimal
 
 from app import money
 from app.catalog import Catalog, Model
+from app.proxy.formats import FORMATS as LLM_FORMATS
 
-# (api, label, examples, base path clients configure, endpoint(s) they call), as in the hosted docs.
-FORMATS = (
-    ("chat", "OpenAI Chat Completions", "GPT-4o, Qwen, DeepSeek, GLM", "/llm-api/v1",
-     "POST /v1/chat/completions"),
-    ("responses", "OpenAI Responses", "GPT-5.x", "/llm-api/api.openai.com/v1", "POST /v1/responses"),
-    ("messages", "Anthropic Messages", "Claude", "/llm-api/anthropic", "POST /v1/messages"),
-    ("gemini", "Gemini", "Gemini", "/llm-api",
-     "POST /v1beta/models/{model}:generateContent, :streamGenerateContent"),
-    ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image models", "/llm-api/v1",
-     "POST /v1/images/generations, GET /v1/tasks/{task_id}"),
-)
-_BY_API = {row[0]: row for row in FORMATS}
-_ORDER = {row[0]: index for index, row in enumerate(FORMATS)}
+# Examples of the models each format serves, as the hosted docs give them.
+EXAMPLES = {"chat": "GPT-4o, Qwen, DeepSeek, GLM", "responses": "GPT-5.x", "messages": "Claude", "gemini": "Gemini"}
+IMAGES = ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image models", "/llm-api/v1",
+          "POST /v1/images/generations, GET /v1/tasks/{task_id}")
+
+
+def formats() -> list[tuple[str, str, str, str, str]]:
+    """(api, label, examples, base path clients configure, endpoint(s) they call): the LLM API
+    formats of app.proxy.formats, then the image API."""
+    return [*((f.api, f.label, EXAMPLES.get(f.api, ""), f.base_path, f.endpoint) for f in LLM_FORMATS.values()),
+            IMAGES]
 
 
 def price(units: int | None) -> str:
@@ -35,15 +34,15 @@ def price(units: int | None) -> str:
 def base_urls(public_url: str) -> list[dict]:
     """The base-URL table per format, built from this server's public URL."""
     return [{"api": api, "label": label, "examples": examples, "base_url": public_url.rstrip("/") + path,
-             "endpoint": endpoint} for api, label, examples, path, endpoint in FORMATS]
+             "endpoint": endpoint} for api, label, examples, path, endpoint in formats()]
 
 
-def _row(model: Model) -> dict:
-    _, label, _, path, endpoint = _BY_API[model.api]
-    row = {"name": model.name, "kind": "Image" if model.api == "image" else "LLM", "api": model.api,
+def _row(model: Model, api: str, by_api: dict[str, tuple]) -> dict:
+    _, label, _, path, endpoint = by_api[api]
+    row = {"name": model.name, "kind": "Image" if model.is_image else "LLM", "api": api,
            "format": label, "base_path": path, "endpoint": endpoint.replace("{model}", model.name),
            "description": model.description}
-    if model.api == "image":
+    if model.is_image:
         row["prices"] = [(res, price(model.prices[res])) for res in model.resolutions]
         row["sizes"] = ", ".join(model.sizes)
     else:
@@ -53,7 +52,10 @@ def _row(model: Model) -> dict:
 
 
 def models(catalog: Catalog) -> dict[str, list[dict]]:
-    """Every model the catalog offers (any account may use any of them), LLMs and image models apart."""
-    ordered = sorted(catalog.models.values(), key=lambda m: (_ORDER.get(m.api, 99), m.name))
-    rows = [_row(model) for model in ordered if model.api in _BY_API]
+    """Every model the catalog offers (any account may use any of them), LLMs and image models
+    apart: a row per model and API it is offered on."""
+    by_api = {row[0]: row for row in formats()}
+    order = {api: index for index, api in enumerate(by_api)}
+    offered = [(model, api) for model in catalog.models.values() for api in model.apis if api in by_api]
+    rows = [_row(model, api, by_api) for model, api in sorted(offered, key=lambda pair: (order[pair[1]], pair[0].name))]
     return {"llm": [r for r in rows if r["api"] != "image"], "image": [r for r in rows if r["api"] == "image"]}

@@ -20,6 +20,7 @@ from app.errors import APIError
 from app.images.service import TERMINAL
 from app.models import utcnow
 from app.proxy import records
+from app.proxy.formats import FORMATS
 from app.webhooks import service as webhooks
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -145,7 +146,7 @@ async def usage(ctx: Ctx) -> Response:
             cursor = None
             rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters)
         key_rows = await conn.run_sync(queries.list_keys, ctx.account_id)
-    models = sorted({m.name for m in ctx.state.catalog.of_api("chat", "responses", "messages", "gemini")}
+    models = sorted({m.name for m in ctx.state.catalog.of_api(*FORMATS)}
                     | ({form["model"]} if form["model"] else set()))
     query = {k: v for k, v in form.items() if v}
     return ctx.render("usage.html", rows=rows, form=form, models=models, keys=key_rows, paged=cursor is not None,

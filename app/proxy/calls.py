@@ -20,19 +20,19 @@ from app.catalog import Model
 from app.errors import APIError, insufficient_balance, invalid
 from app.models import time_ordered_id, utcnow
 from app.proxy import upstream
-from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES, estimate
+from app.proxy.formats import GEMINI_METHODS, Format, Target, flag
+from app.proxy.pricing import estimate
 
 MAX_BODY = 32 * 1024 * 1024
 # Output the hold assumes when neither the request nor the catalog bounds it.
 DEFAULT_MAX_OUTPUT = 32_768
-GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
 @dataclass
 class Call:
     id: str
-    api: str
+    format: Format
     model: Model
     principal: Principal
     stream: bool
@@ -51,7 +51,7 @@ class ClientGone(Exception):
     """The client went away before its request was read: there is nobody to answer."""
 
 
-async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", target: str = "") -> Call:
+async def prepare(scope, receive, state, format_: Format, *, version: str = "v1beta", target: str = "") -> Call:
     """Authenticate, read and parse the request, find the model and hold the most the call can cost.
 
     Works on the raw ASGI scope: this runs on every LLM call, and a Starlette
@@ -63,7 +63,7 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
     client = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
     raw_query = scope.get("query_string")
     query = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True) if raw_query else []
-    google = api == GEMINI
+    google = format_.model_in_path
     principal = await state.auth.check(
         key_from_headers(client, google=google, query_key=_param(query, "key") if google else None))
     body = await _read_body(receive, client.get("content-length"))
@@ -78,18 +78,18 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
         name = parsed.get("model")
         if not isinstance(name, str) or not name:
             raise invalid("model", "model: a model name is required.", "missing_model")
-    model = state.catalog.get(name, api)
+    model = state.catalog.get(name, format_.api)
     if model is None:
-        raise _model_not_found(api, name, version)
+        raise APIError(404, format_.not_found(name, version), code="model_not_found", param="model")
 
-    max_output = _max_output(api, parsed)
-    stream = gemini_method == "streamGenerateContent" if google else _flag(parsed, "stream")
+    max_output = format_.max_output(parsed)
+    stream = format_.streams(parsed, gemini_method)
     strip_usage = False
-    if api == CHAT:
+    if format_.asks_for_usage:
         options = parsed.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise invalid("stream_options", "stream_options: must be an object.", "invalid_type")
-        include_usage = _flag(options, "include_usage", "stream_options.include_usage") if options else False
+        include_usage = flag(options, "include_usage", "stream_options.include_usage") if options else False
         if stream and not include_usage:
             body, strip_usage = _with_include_usage(body, parsed), True
     if model.upstream_model != name and not google:
@@ -100,9 +100,8 @@ async def prepare(scope, receive, state, api: str, *, version: str = "v1beta", t
     # Input is estimated at one token per byte of body: a token is at least a byte of text.
     held = estimate(model, len(body), output)
     call = Call(
-        id=time_ordered_id("req_"), api=api, model=model, principal=principal, stream=stream,
-        url=upstream.url(model.provider, api, model.upstream_model, version=version, method=gemini_method,
-                         query=query),
+        id=time_ordered_id("req_"), format=format_, model=model, principal=principal, stream=stream,
+        url=upstream.url(model.provider, format_, Target(model.upstream_model, version, gemini_method), query),
         headers=upstream.request_headers(client, model.provider), body=body, held=held, input_estimate=len(body),
         strip_usage=strip_usage, sse=not google or _param(query, "alt") == "sse",
         created_at=utcnow(), started=started,
@@ -149,59 +148,6 @@ def _parse(body: bytes) -> dict:
     if isinstance(model, str) and not params.is_clean(model):
         raise invalid("model", "model: contains a NUL character or an unpaired surrogate.")
     return parsed
-
-
-# The fields the gateway itself reads must mean to it what they mean to the provider: a `stream`
-# of "true" taken as false would have the gateway buffer a stream it can't meter. Each is refused
-# unless it is absent, null, or of the type the provider documents.
-
-def _flag(obj: dict, name: str, param: str | None = None) -> bool:
-    value = obj.get(name)
-    if value is None or isinstance(value, bool):
-        return value is True
-    raise invalid(param or name, f"{param or name}: must be true or false.", "invalid_type")
-
-
-def _limit(obj: dict, name: str, param: str | None = None) -> int | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise invalid(param or name, f"{param or name}: must be a whole number of at least 1.", "invalid_value")
-    return value
-
-
-def _max_output(api: str, parsed: dict) -> int | None:
-    if api == CHAT:
-        completion, legacy = _limit(parsed, "max_completion_tokens"), _limit(parsed, "max_tokens")
-        return completion or legacy
-    if api == RESPONSES:
-        return _limit(parsed, "max_output_tokens")
-    if api == MESSAGES:
-        value = _limit(parsed, "max_tokens")
-        if value is None:
-            raise invalid("max_tokens", "max_tokens: Field required (a positive integer).", "missing_max_tokens")
-        return value
-    for key in ("generationConfig", "generation_config"):
-        config = parsed.get(key)
-        if config is None:
-            continue
-        if not isinstance(config, dict):
-            raise invalid(key, f"{key}: must be an object.", "invalid_type")
-        for name in ("maxOutputTokens", "max_output_tokens"):
-            if config.get(name) is not None:
-                return _limit(config, name, f"{key}.{name}")
-    return None
-
-
-def _model_not_found(api: str, name: str, version: str) -> APIError:
-    if api == GEMINI:
-        message = f"models/{name} is not found for API version {version}, or is not offered by this gateway."
-    elif api == MESSAGES:
-        message = f"model: {name}"
-    else:
-        message = f"The model `{name}` does not exist or you do not have access to it."
-    return APIError(404, message, code="model_not_found", param="model")
 
 
 def _with_include_usage(body: bytes, parsed: dict) -> bytes:

@@ -21,7 +21,8 @@ from app.proxy.calls import Call
 from app.proxy.client import Response, UpstreamError
 from app.proxy.gateway import LLMGateway
 from app.proxy.recorder import Entry
-from app.proxy.usage import Usage, cost, estimated, from_body, meter_for, normalize
+from app.proxy.formats import read_answer, stream_meter
+from app.proxy.pricing import Usage, cost, estimated
 
 log = logging.getLogger(__name__)
 # How long a call runs before the gateway watches for its client's disconnect. A client that
@@ -112,7 +113,7 @@ class ProxyResponse:
             # Metered by what the upstream sent, whatever the request said: an event stream is
             # read as one (a Gemini stream without alt=sse is a JSON array, read as it comes).
             sse = b"event-stream" in content_type
-            if 200 <= response.status < 300 and (sse or (call.stream and call.api == "gemini")):
+            if 200 <= response.status < 300 and (sse or (call.stream and call.format.model_in_path)):
                 await self._stream(response, headers, send, sse)
             else:
                 body = await response.read()
@@ -141,7 +142,7 @@ class ProxyResponse:
 
     async def _whole(self, status: int, headers: list, body: bytes, send) -> None:
         if 200 <= status < 300:
-            self.raw_usage, self.text_bytes = from_body(self.call.api, body)
+            self.raw_usage, self.text_bytes = read_answer(self.call.format, body)
             self.final = self.raw_usage is not None
         headers.append((b"content-length", str(len(body)).encode()))
         self.started = True
@@ -158,7 +159,7 @@ class ProxyResponse:
     async def _stream(self, response: Response, headers: list, send, sse: bool) -> None:
         call = self.call
         strip = call.strip_usage and sse
-        meter = meter_for(call.api, strip=strip, sse=sse)
+        meter = stream_meter(call.format, sse=sse, strip=strip)
         self.streamed = True
         self.started = True
         await self._send(send, {"type": "http.response.start", "status": response.status, "headers": headers})
@@ -200,10 +201,11 @@ class ProxyResponse:
         else, for an answer that was begun (the client left, or the upstream broke off or never
         reported), an estimate from what it reported and generated; else nothing."""
         call, raw = self.call, self.raw_usage
-        if raw is not None and self.final:
-            return normalize(call.api, raw), False
+        reported = call.format.normalize(raw) if raw is not None else None
+        if reported is not None and self.final:
+            return reported, False
         if self.status is not None and 200 <= self.status < 300 and (raw is not None or self.text_bytes):
-            return estimated(call.api, raw, call.input_estimate, self.text_bytes), True
+            return estimated(reported, call.input_estimate, self.text_bytes), True
         return None, False
 
     def _record(self) -> None:
@@ -214,7 +216,7 @@ class ProxyResponse:
         held = self.gateway.holds.finish(call.principal.account_id, call.held) if call.held else 0
         self.gateway.recorder.record(Entry(
             id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
-            model=call.model.name, api_format=call.api, stream=call.stream or self.streamed,
+            model=call.model.name, api_format=call.format.api, stream=call.stream or self.streamed,
             input_tokens=usage.input_tokens if usage else 0, output_tokens=usage.output_tokens if usage else 0,
             cached_tokens=usage.cached_tokens if usage else 0,
             reasoning_tokens=usage.reasoning_tokens if usage else 0,

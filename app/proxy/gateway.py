@@ -12,12 +12,11 @@ from app.catalog import Catalog, CatalogError, Provider
 from app.db import make_engine
 from app.proxy.client import Pool
 from app.proxy.egress import proxy_for
+from app.proxy.formats import FORMATS
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import UsageRecorder
 from app.proxy.writer import ProcessWriter
 
-LLM_APIS = ("chat", "responses", "messages", "gemini")
-FORMAT_OF_API = {"chat": "openai", "responses": "openai", "messages": "anthropic", "gemini": "gemini"}
 CONNECT_TIMEOUT = 15.0
 # Longest silence allowed between two reads from an upstream (a model thinking
 # before its first token); a provider's `timeout` in the catalog overrides it.
@@ -30,7 +29,7 @@ def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict
     """A connection pool for each provider of an LLM model, by provider name. No cookies are
     kept or sent: a pool serves every account's calls."""
     pools: dict[str, Pool] = {}
-    for model in catalog.of_api(*LLM_APIS):
+    for model in catalog.of_api(*FORMATS):
         provider = model.provider
         if provider.name not in pools:
             pools[provider.name] = Pool(
@@ -40,12 +39,18 @@ def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict
 
 
 def check(catalog: Catalog) -> None:
-    """Each LLM model's provider must speak its route's format."""
-    for model in catalog.of_api(*LLM_APIS):
-        wanted = FORMAT_OF_API[model.api]
-        if model.provider.format != wanted:
-            raise CatalogError(f"model {model.name!r}: api {model.api!r} needs a provider of format {wanted!r}, "
-                               f"but {model.provider.name!r} is {model.provider.format!r}")
+    """Each LLM model's api must be a format this gateway serves, of its provider's format."""
+    for model in catalog.models.values():
+        if model.is_image:
+            continue
+        for api in model.apis:
+            format_ = FORMATS.get(api)
+            if format_ is None:
+                raise CatalogError(f"model {model.name!r}: api {api!r} is not one of image, {', '.join(FORMATS)}")
+            if model.provider.format != format_.provider_format:
+                raise CatalogError(f"model {model.name!r}: api {api!r} needs a provider of format "
+                                   f"{format_.provider_format!r}, but {model.provider.name!r} is "
+                                   f"{model.provider.format!r}")
 
 
 class LLMGateway:

@@ -12,16 +12,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from collections.abc import Iterable
+
 from app import pagination, params
 from app.auth import require
 from app.db import UNAVAILABLE
-from app.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, APIError, server_error, unavailable
+from app.errors import API_PREFIX, APIError, server_error, unavailable
 from app.proxy import calls, models_list, records
+from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
 from app.proxy.forward import ProxyResponse
-from app.proxy.usage import CHAT, GEMINI, MESSAGES, RESPONSES
 
 log = logging.getLogger(__name__)
-FAMILY_OF_API = {CHAT: OPENAI, RESPONSES: OPENAI, MESSAGES: ANTHROPIC, GEMINI: GEMINI_FAMILY}
 
 
 class Passthrough:
@@ -32,17 +33,17 @@ class Passthrough:
     middleware in between; as a Starlette route it works the same.
     """
 
-    def __init__(self, api: str, version: str = "v1beta"):
-        self.api = api
+    def __init__(self, format_: Format, version: str = "v1beta"):
+        self.format = format_
         self.version = version
-        self.family = FAMILY_OF_API[api]
+        self.family = format_.family
 
     async def __call__(self, scope, receive, send) -> None:
         state = scope["app"].state
         response = None
         try:
             target = scope.get("path_params", {}).get("target", "")
-            call = await calls.prepare(scope, receive, state, self.api, version=self.version, target=target)
+            call = await calls.prepare(scope, receive, state, self.format, version=self.version, target=target)
             response = ProxyResponse(call, state.llm, self.family)
             await response(scope, receive, send)
         except APIError as error:
@@ -140,37 +141,38 @@ async def _csv(engine, account_id: int, filters: records.Filters, cursor: str | 
             return
 
 
-# The passthrough endpoints by exact path, and Gemini's by prefix (`{model}:{method}` follows).
-PASSTHROUGH = {
-    "/v1/chat/completions": Passthrough(CHAT),
-    "/v1/responses": Passthrough(RESPONSES),
-    "/api.openai.com/v1/responses": Passthrough(RESPONSES),
-    "/v1/messages": Passthrough(MESSAGES),
-    "/anthropic/v1/messages": Passthrough(MESSAGES),
-}
-GEMINI_PASSTHROUGH = {"/v1beta/models/": Passthrough(GEMINI, "v1beta"), "/v1/models/": Passthrough(GEMINI, "v1")}
-PREFIX = "/llm-api"
+class Router:
+    """The passthrough endpoints of `formats`: by exact path, and by prefix for a format that
+    names its model in the path (Gemini: `{model}:{method}` follows the prefix)."""
 
+    def __init__(self, formats: Iterable[Format]):
+        self.exact: dict[str, Passthrough] = {}
+        self.prefixes: list[tuple[str, Passthrough]] = []
+        for format_ in formats:
+            self.exact.update({path: Passthrough(format_) for path in format_.paths})
+            self.prefixes += [(prefix, Passthrough(format_, version)) for prefix, version in format_.path_prefixes]
 
-def match(path: str) -> tuple[Passthrough, str] | None:
-    """The passthrough endpoint a POST to `path` goes to, and its Gemini target; None for any other path.
+    def match(self, path: str) -> tuple[Passthrough, str] | None:
+        """The endpoint a POST to `path` goes to, and what follows its prefix; None for any other path.
 
-    The app's front door asks this before its router, so the busiest requests skip
-    route matching and middleware; `routes` below serves the same endpoints for the rest."""
-    if path.startswith(PREFIX):
-        path = path[len(PREFIX):]
-    endpoint = PASSTHROUGH.get(path)
-    if endpoint is not None:
-        return endpoint, ""
-    for prefix, endpoint in GEMINI_PASSTHROUGH.items():
-        if path.startswith(prefix):
-            return endpoint, path[len(prefix):]
-    return None
+        The app's front door asks this before its router, so the busiest requests skip route
+        matching and middleware; `routes` serves the same endpoints for the rest."""
+        if path.startswith(API_PREFIX):
+            path = path[len(API_PREFIX):]
+        endpoint = self.exact.get(path)
+        if endpoint is not None:
+            return endpoint, ""
+        for prefix, endpoint in self.prefixes:
+            if path.startswith(prefix):
+                return endpoint, path[len(prefix):]
+        return None
+
+    def routes(self) -> list[Route]:
+        return [*(Route(path, endpoint, methods=["POST"]) for path, endpoint in self.exact.items()),
+                *(Route(prefix + "{target:path}", endpoint, methods=["POST"]) for prefix, endpoint in self.prefixes)]
 
 
 routes = [
-    *(Route(path, endpoint, methods=["POST"]) for path, endpoint in PASSTHROUGH.items()),
-    *(Route(prefix + "{target:path}", endpoint, methods=["POST"]) for prefix, endpoint in GEMINI_PASSTHROUGH.items()),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/api.openai.com/v1/models", list_responses_models, methods=["GET"]),
     Route("/anthropic/models", list_anthropic_models, methods=["GET"]),

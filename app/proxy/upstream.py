@@ -6,11 +6,10 @@ is dropped and the provider's key from the catalog is set the provider's way.
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from app.catalog import Provider
-
-ANTHROPIC_VERSION = "2023-06-01"  # sent when the client sends none (curl, some agents)
+from app.proxy.formats import PROVIDER_AUTH, Format, Target
 
 # Not forwarded upstream: hop-by-hop headers, the client's credentials, what
 # the client sets itself (host, framing), and headers that name the client's own provider account.
@@ -31,19 +30,11 @@ _DROP_RESPONSE = frozenset({
 })
 
 
-def url(provider: Provider, api: str, upstream_model: str, *, version: str = "v1beta", method: str = "",
-        query: list[tuple[str, str]] = ()) -> str:
+def url(provider: Provider, format_: Format, target: Target, query: list[tuple[str, str]] = ()) -> str:
     """The upstream URL of a call; `query` is the client's, less its `key`."""
-    if api == "gemini":
-        target = f"{provider.base_url}/{version}/models/{quote(upstream_model, safe='')}:{method}"
-    elif api == "messages":
-        target = f"{provider.base_url}/v1/messages"
-    elif api == "responses":
-        target = f"{provider.base_url}/responses"
-    else:
-        target = f"{provider.base_url}/chat/completions"
+    path = f"{provider.base_url}{format_.upstream_path(target)}"
     params = [(k, v) for k, v in query if k != "key"]
-    return f"{target}?{urlencode(params)}" if params else target
+    return f"{path}?{urlencode(params)}" if params else path
 
 
 def request_headers(client: dict[str, str], provider: Provider) -> dict[str, str]:
@@ -51,14 +42,7 @@ def request_headers(client: dict[str, str], provider: Provider) -> dict[str, str
     headers = {name: value for name, value in client.items() if name not in _DROP_REQUEST}
     # Identity: the bytes the client gets are the bytes the meter reads.
     headers["accept-encoding"] = "identity"
-    key = provider.api_key or ""
-    if provider.format == "anthropic":
-        headers["x-api-key"] = key
-        headers.setdefault("anthropic-version", ANTHROPIC_VERSION)
-    elif provider.format == "gemini":
-        headers["x-goog-api-key"] = key
-    else:
-        headers["authorization"] = f"Bearer {key}"
+    PROVIDER_AUTH[provider.format](headers, provider.api_key or "")
     return headers
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app import money
-from app.proxy.usage import BYTES_PER_TOKEN
+from app.proxy.pricing import BYTES_PER_TOKEN
 from tests.fakes.llm import TEXT
 from tests.proxy.conftest import money_state, usage_rows
 from tests.proxy.test_billing import read_then_leave, wait_until
@@ -42,7 +42,7 @@ def _body(route: str, markers: str) -> dict:
 
 
 def _cost(route: str, input_tokens: int, output_tokens: int) -> int:
-    """Nano-dollars at the route's model's prices, rounded up once (as app.proxy.usage.cost)."""
+    """Nano-dollars at the route's model's prices, rounded up once (as app.proxy.pricing.cost)."""
     price_in, price_out = (money.from_usd(p) for p in ROUTES[route][3])
     return -(-(input_tokens * price_in + output_tokens * price_out) // 1_000_000)
 

@@ -9,8 +9,21 @@ import pytest
 
 from app import money
 from app.catalog import Model, Provider
-from app.proxy.usage import (CHAT, GEMINI, MESSAGES, RESPONSES, ChatStripMeter, Usage, cost, estimate, estimated,
-                             from_body, meter_for, normalize)
+from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, read_answer, stream_meter
+from app.proxy.meters import ChatStripMeter
+from app.proxy.pricing import Usage, cost, estimate, estimated
+
+
+def normalize(api: str, raw: dict) -> Usage:
+    return FORMATS[api].normalize(raw)
+
+
+def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
+    return read_answer(FORMATS[api], body)
+
+
+def meter_for(api: str, *, strip: bool = False, sse: bool = True):
+    return stream_meter(FORMATS[api], sse=sse, strip=strip)
 from tests.fakes.llm import (Plan, chat_body, chat_events, gemini_body, gemini_events, messages_body, messages_events,
                              responses_body, responses_events)
 
@@ -19,7 +32,7 @@ PROVIDER = Provider("p", "openai", "http://x")
 
 
 def model(input_usd: str, output_usd: str, cached_usd: str | None = None) -> Model:
-    return Model(name="m", provider=PROVIDER, api="chat", upstream_model="m", input_per_mtok=money.from_usd(input_usd),
+    return Model(name="m", provider=PROVIDER, apis=("chat",), upstream_model="m", input_per_mtok=money.from_usd(input_usd),
                  output_per_mtok=money.from_usd(output_usd),
                  cached_input_per_mtok=money.from_usd(cached_usd) if cached_usd else None)
 
@@ -188,9 +201,9 @@ def test_whole_bodies_without_usage_count_their_text(api, body):
 
 def test_an_estimate_takes_what_was_reported_and_at_least_a_token_per_four_bytes():
     # Reported input is kept; output is the larger of the reported count and the text's estimate.
-    assert estimated(MESSAGES, {"input_tokens": 100, "output_tokens": 1}, 999, 10) == Usage(
+    assert estimated(normalize(MESSAGES, {"input_tokens": 100, "output_tokens": 1}), 999, 10) == Usage(
         input_tokens=100, output_tokens=3)
-    assert estimated(GEMINI, {"promptTokenCount": 7, "candidatesTokenCount": 40}, 999, 10) == Usage(
+    assert estimated(normalize(GEMINI, {"promptTokenCount": 7, "candidatesTokenCount": 40}), 999, 10) == Usage(
         input_tokens=7, output_tokens=40)
     # Nothing reported: the input as the hold estimated it.
-    assert estimated(CHAT, None, 250, 1) == Usage(input_tokens=250, output_tokens=1)
+    assert estimated(None, 250, 1) == Usage(input_tokens=250, output_tokens=1)

@@ -1,145 +1,75 @@
-"""One meter per wire format: the tokens the upstream reported, read as the bytes pass by.
+"""Meters: the tokens an upstream reports, read from its answer as the bytes pass by.
 
-A meter never holds a stream back. SSE meters keep only the unfinished last
-line between chunks and decode JSON only for the lines that carry usage;
-the Gemini JSON-array meter keeps only the text after the last
-`"usageMetadata"` it has not finished reading.
+A meter never holds a stream back. SSE meters keep only the unfinished last line
+between chunks and decode JSON only for the lines that carry usage; the Gemini
+JSON-array meter keeps only the text after the last `"usageMetadata"` it has not
+finished reading. Until its final usage arrives, a meter also counts the bytes of
+generated text, for an estimate should that usage never come.
 
-Where each format reports usage:
-- chat: `usage` of the body, or of the include_usage chunk (`choices: []`)
-- responses: `response.usage` of `response.completed` (or `.incomplete` / `.failed`)
-- messages: `message.usage` of `message_start`, updated by each `message_delta`'s
-  cumulative `usage`
-- gemini: the last `usageMetadata` (each chunk repeats the running totals)
+Which meter serves which API format, and where each format reports its usage, is
+app.proxy.formats' table.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import orjson
 
-from app.catalog import Model
-
-CHAT, RESPONSES, MESSAGES, GEMINI = "chat", "responses", "messages", "gemini"
 MAX_LINE = 16 * 1024 * 1024  # a longer unfinished line is dropped from metering, not from the stream
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_METADATA = re.compile(rb'"usageMetadata"\s*:\s*\{')
-_TOKENS_PER_MTOK = 1_000_000
-# When the upstream's usage never comes, output is estimated from the generated text: at least a
-# token per this many bytes of it (English runs about 4 characters a token; other scripts fewer).
-BYTES_PER_TOKEN = 4
 _STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'  # a JSON string's raw bytes, escapes included
 
 
-def _text_fields(*names: str) -> re.Pattern[bytes]:
+def text_fields(*names: str) -> re.Pattern[bytes]:
+    """A pattern for the string values of these keys in raw JSON (the stream's generated text)."""
     return re.compile(rb'"(?:' + b"|".join(n.encode() for n in names) + rb')"\s*:\s*' + _STRING)
 
 
 # Where each format's stream carries generated text (content, reasoning, tool-call arguments);
 # Responses repeats the whole text in its `.done` events, so only its `delta`s count.
-CHAT_TEXT = _text_fields("content", "reasoning_content", "reasoning", "refusal", "arguments")
-RESPONSES_TEXT = _text_fields("delta")
-MESSAGES_TEXT = _text_fields("text", "thinking", "partial_json")
-GEMINI_TEXT = _text_fields("text")
-# The same in a whole (non-streamed) answer's JSON.
-BODY_TEXT_KEYS = {
-    CHAT: frozenset({"content", "reasoning_content", "reasoning", "refusal", "arguments"}),
-    RESPONSES: frozenset({"text", "arguments"}),
-    MESSAGES: frozenset({"text", "thinking"}),
-    GEMINI: frozenset({"text"}),
-}
+CHAT_TEXT = text_fields("content", "reasoning_content", "reasoning", "refusal", "arguments")
+RESPONSES_TEXT = text_fields("delta")
+MESSAGES_TEXT = text_fields("text", "thinking", "partial_json")
+GEMINI_TEXT = text_fields("text")
 
 
-@dataclass
-class Usage:
-    """Tokens as the upstream reported them, in one shape for every format."""
+class Meter(Protocol):
+    """What the forwarding reads of a meter: the usage so far, whether it is final, the text seen."""
 
-    input_tokens: int = 0  # every prompt token, cached ones and cache writes included
-    output_tokens: int = 0  # every generated token, reasoning included
-    cached_tokens: int = 0  # prompt tokens read from the provider's cache (a part of input_tokens)
-    reasoning_tokens: int = 0  # tokens spent thinking (a part of output_tokens)
-    cache_write_5m_tokens: int = 0  # Anthropic: prompt tokens written to a 5-minute cache
-    cache_write_1h_tokens: int = 0  # Anthropic: prompt tokens written to a 1-hour cache
+    raw: dict | None
+    final: bool
+    text_bytes: int
 
+    def feed(self, chunk: bytes) -> None: ...
 
-def _int(obj, *path: str) -> int:
-    for key in path:
-        if not isinstance(obj, dict):
-            return 0
-        obj = obj.get(key)
-    return obj if isinstance(obj, int) and not isinstance(obj, bool) and obj > 0 else 0
+    def finish(self) -> None: ...
 
 
-def normalize(api: str, raw: dict) -> Usage:
-    """The Usage of one format's usage object (`raw` is what the upstream sent)."""
-    if api == CHAT:
-        return Usage(input_tokens=_int(raw, "prompt_tokens"), output_tokens=_int(raw, "completion_tokens"),
-                     cached_tokens=_int(raw, "prompt_tokens_details", "cached_tokens"),
-                     reasoning_tokens=_int(raw, "completion_tokens_details", "reasoning_tokens"))
-    if api == RESPONSES:
-        return Usage(input_tokens=_int(raw, "input_tokens"), output_tokens=_int(raw, "output_tokens"),
-                     cached_tokens=_int(raw, "input_tokens_details", "cached_tokens"),
-                     reasoning_tokens=_int(raw, "output_tokens_details", "reasoning_tokens"))
-    if api == MESSAGES:
-        # Anthropic's input_tokens leaves out cache reads and writes; they are billed apart.
-        written = _int(raw, "cache_creation_input_tokens")
-        one_hour = _int(raw, "cache_creation", "ephemeral_1h_input_tokens")
-        read = _int(raw, "cache_read_input_tokens")
-        return Usage(input_tokens=_int(raw, "input_tokens") + written + read, output_tokens=_int(raw, "output_tokens"),
-                     cached_tokens=read, cache_write_5m_tokens=max(0, written - one_hour),
-                     cache_write_1h_tokens=min(one_hour, written))
-    # Gemini: thoughts are billed as output but not counted in candidatesTokenCount;
-    # tool-use prompt tokens are billed as input but not counted in promptTokenCount.
-    thoughts = _int(raw, "thoughtsTokenCount")
-    return Usage(input_tokens=_int(raw, "promptTokenCount") + _int(raw, "toolUsePromptTokenCount"),
-                 output_tokens=_int(raw, "candidatesTokenCount") + thoughts,
-                 cached_tokens=_int(raw, "cachedContentTokenCount"), reasoning_tokens=thoughts)
+def loads(data: bytes) -> Any:
+    """JSON from bytes with orjson (4x faster than json on a small body, 2x on a long
+    conversation); json reads what orjson refuses but json accepts (NaN, lone surrogate
+    escapes), so an answer is read as before, only faster."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
-def cost(model: Model, usage: Usage) -> int:
-    """What `usage` costs at `model`'s prices, in nano-dollars, rounded up once.
-
-    Cached input is charged at `cached_input_per_mtok` (the input price when the
-    catalog gives none). Anthropic cache writes cost 1.25x (5 minutes) or 2x
-    (1 hour) the input price, as Anthropic bills them.
-    """
-    cached = min(usage.cached_tokens, usage.input_tokens)
-    cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
-    # Everything times 4 so the 1.25x of 5-minute cache writes stays an integer.
-    quarter_units = 4 * ((usage.input_tokens - cached) * model.input_per_mtok + cached * cached_price
-                         + usage.output_tokens * model.output_per_mtok)
-    quarter_units += (usage.cache_write_5m_tokens + 4 * usage.cache_write_1h_tokens) * model.input_per_mtok
-    return -(-quarter_units // (4 * _TOKENS_PER_MTOK))
-
-
-def estimate(model: Model, input_tokens: int, output_tokens: int) -> int:
-    """The most a request can cost: the hold taken before forwarding it."""
-    return cost(model, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
-
-
-def estimated(api: str, raw: dict | None, input_tokens: int, text_bytes: int) -> Usage:
-    """The usage to charge when the upstream's final count never came: what it reported so far,
-    the input as the hold estimated it unless reported, and the output at least a token per
-    BYTES_PER_TOKEN bytes of the text that was generated."""
-    reported = normalize(api, raw) if raw is not None else Usage()
-    reported.input_tokens = reported.input_tokens or input_tokens
-    reported.output_tokens = max(reported.output_tokens, -(-text_bytes // BYTES_PER_TOKEN))
-    return reported
-
-
-def text_bytes(api: str, obj) -> int:
-    """The bytes of generated text in a whole answer's parsed JSON."""
-    keys = BODY_TEXT_KEYS[api]
+def text_bytes(obj: Any, keys: Iterable[str]) -> int:
+    """The bytes of generated text in a whole answer's parsed JSON: the string values of `keys`."""
+    wanted = frozenset(keys)
     total, stack = 0, [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
                 if isinstance(value, str):
-                    if key in keys:
+                    if key in wanted:
                         total += len(value.encode("utf-8", "replace"))
                 elif isinstance(value, (dict, list)):
                     stack.append(value)
@@ -148,33 +78,9 @@ def text_bytes(api: str, obj) -> int:
     return total
 
 
-def loads(data: bytes):
-    """JSON from bytes with orjson (4x faster than json on a small body, 2x on a
-    long conversation); json reads what orjson refuses but json accepts (NaN, lone
-    surrogate escapes), so a body is read as before, only faster."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
-
-
-def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
-    """The raw usage object of a whole (non-streamed) JSON response, or None and the bytes of
-    generated text in it (for an estimate)."""
-    try:
-        obj = loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, 0
-    if not isinstance(obj, dict):
-        return None, 0
-    raw = obj.get("usageMetadata" if api == GEMINI else "usage")
-    if isinstance(raw, dict):
-        return raw, 0  # the text is counted only for an estimate, which a reported usage makes needless
-    return None, text_bytes(api, obj)
-
-
 class SSEMeter:
-    """Meters a server-sent-event stream; `feed` every chunk, then `finish`.
+    """Meters a server-sent-event stream; `feed` every chunk, then `finish`. A subclass says
+    which lines may carry usage (`marker`), where the text is (`text`) and reads an event.
 
     `raw` is the usage reported so far and `final` whether it is the upstream's last word;
     until it is, `text_bytes` counts the generated text, for an estimate should it never come.
@@ -183,8 +89,7 @@ class SSEMeter:
     marker = _USAGE
     text = CHAT_TEXT
 
-    def __init__(self, api: str):
-        self.api = api
+    def __init__(self) -> None:
         self.raw: dict | None = None
         self.final = False
         self.text_bytes = 0
@@ -220,8 +125,13 @@ class SSEMeter:
             self.event(event)
 
     def event(self, event: dict) -> None:
-        """Take the usage out of one decoded event (chat: the include_usage chunk, the last)."""
-        raw = event.get("usage")
+        """Take the usage out of one decoded event."""
+        raise NotImplementedError
+
+
+class ChatMeter(SSEMeter):
+    def event(self, event: dict) -> None:
+        raw = event.get("usage")  # the include_usage chunk, the last
         if isinstance(raw, dict):
             self.raw = raw
             self.final = True
@@ -271,7 +181,7 @@ class GeminiSSEMeter(SSEMeter):
             self.final = self.final or _finished(event)
 
 
-class ChatStripMeter(SSEMeter):
+class ChatStripMeter(ChatMeter):
     """Chat stream where the gateway added `include_usage`: meter, and drop the usage-only chunk.
 
     `filter` returns what the client should get. It passes whole lines only (an
@@ -279,8 +189,8 @@ class ChatStripMeter(SSEMeter):
     waits for the next chunk.
     """
 
-    def __init__(self, api: str = CHAT):
-        super().__init__(api)
+    def __init__(self) -> None:
+        super().__init__()
         self._skip_blank = False
 
     def filter(self, chunk: bytes) -> bytes:
@@ -340,8 +250,7 @@ class ChatStripMeter(SSEMeter):
 class GeminiArrayMeter:
     """Meters Gemini's streamed JSON array (streamGenerateContent without alt=sse)."""
 
-    def __init__(self, api: str = GEMINI):
-        self.api = api
+    def __init__(self) -> None:
         self.raw: dict | None = None
         self.final = False
         self.text_bytes = 0
@@ -374,13 +283,3 @@ class GeminiArrayMeter:
 
     def finish(self) -> None:
         self._buf = b""
-
-
-def meter_for(api: str, *, strip: bool = False, sse: bool = True):
-    if api == CHAT:
-        return ChatStripMeter() if strip else SSEMeter(CHAT)
-    if api == RESPONSES:
-        return ResponsesMeter(RESPONSES)
-    if api == MESSAGES:
-        return MessagesMeter(MESSAGES)
-    return GeminiSSEMeter(GEMINI) if sse else GeminiArrayMeter()
