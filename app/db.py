@@ -23,12 +23,35 @@ from app.settings import async_database_url
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# What a database that is down, unreachable or out of connections raises: a request that meets
-# one is answered 503 with Retry-After, not 500 (app.main).
+# The exception classes a database that is down, unreachable or out of connections raises
+# (app.main's handlers); `is_outage` tells an outage from the rest of those classes.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     exc.OperationalError, exc.InterfaceError, exc.TimeoutError, psycopg.OperationalError,
     psycopg.InterfaceError, psycopg_pool.PoolTimeout,
 )
+# PostgreSQL's SQLSTATEs of an outage: connection exceptions, insufficient resources, and the
+# shutdowns of operator intervention (57P: admin or crash shutdown, "cannot connect now"). A
+# deadlock, a serialization failure or a canceled query (57014) is an OperationalError too, but
+# a bug or a conflict, not an outage.
+_OUTAGE_SQLSTATES = ("08", "53", "57P")
+# SQLite's: the file locked past its busy timeout, a full disk, a file that can't be opened.
+_SQLITE_OUTAGES = ("database is locked", "disk", "unable to open")
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the database is unavailable (answer 503, retry later), rather than
+    that a statement failed (a bug, answered 500 and logged as one)."""
+    if isinstance(error, (psycopg_pool.PoolTimeout, exc.TimeoutError, exc.InterfaceError, psycopg.InterfaceError)):
+        return True
+    if getattr(error, "connection_invalidated", False):
+        return True
+    cause = getattr(error, "orig", None) or error
+    sqlstate = getattr(cause, "sqlstate", None)
+    if isinstance(cause, psycopg.Error):
+        # No SQLSTATE: the connection failed before the server said anything.
+        return sqlstate is None or sqlstate.startswith(_OUTAGE_SQLSTATES)
+    message = str(cause).lower()
+    return isinstance(error, exc.OperationalError) and any(part in message for part in _SQLITE_OUTAGES)
 # The longest a request waits for a connection of the psycopg pool (a database that is down
 # leaves none to be had).
 PSYCOPG_POOL_TIMEOUT = 5.0

@@ -83,7 +83,8 @@ RETRY_AFTER_OUTAGE = 5  # seconds a client is asked to wait while the database i
 
 
 def unavailable() -> APIError:
-    return APIError(503, "The gateway's database is unavailable; nothing was charged. Retry shortly.",
+    return APIError(503, "The gateway's database is unavailable, so the request was not carried out (should it "
+                         "have been charged after all, the same Idempotency-Key replays it). Retry shortly.",
                     code="service_unavailable", type="server_error",
                     headers={"Retry-After": str(RETRY_AFTER_OUTAGE)})
 

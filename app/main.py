@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 
 from app import account_routes, auth, catalog, health, storage
 from app.dashboard import routes as dashboard_routes
-from app.db import UNAVAILABLE, OutageLog, make_async_engine, make_engine, open_psycopg_pool, run
+from app.db import UNAVAILABLE, OutageLog, is_outage, make_async_engine, make_engine, open_psycopg_pool, run
 from app.dispatch import Relay
 from app.errors import API_PREFIX, APIError, family_for, invalid, server_error, unavailable
 from app.images import routes as image_routes
@@ -192,6 +192,8 @@ async def _gone(request: Request, exc: ClientDisconnect) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
+    if not is_outage(exc):  # a statement failed (a deadlock, a bug): a 500, logged as one
+        return await _server_error(request, exc)
     request.app.state.outage.failed(exc, f"{request.method} {request.url.path}")
     error = unavailable()
     if request.url.path.startswith("/dashboard"):

@@ -6,7 +6,7 @@ A cursor is the (created_at, id) of the last row of a page, opaque to clients.
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import ColumnElement, and_, or_
 
@@ -25,8 +25,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         position = datetime.fromisoformat(moment)
         if position.tzinfo is None or not is_id(row_id):
             raise ValueError("not a cursor")
-        return position, row_id
-    except (ValueError, UnicodeDecodeError):
+        # In UTC, as the database compares it: a time at the calendar's edge overflows here, not there.
+        return position.astimezone(timezone.utc), row_id
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise invalid("cursor", "'cursor' is not a cursor this API returned.") from None
 
 

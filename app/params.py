@@ -67,6 +67,14 @@ def row_id(value: str | None) -> int | None:
     return number if 1 <= number <= INT32_MAX else None
 
 
+def position(value: str, below: int = 1000) -> int | None:
+    """A place in a short list (0, 1, ...) if `value` names one below `below`, else None."""
+    if not _WHOLE.fullmatch(value):
+        return None
+    number = int(value)
+    return number if number < below else None
+
+
 def is_id(value: str) -> bool:
     """Whether `value` has the shape of a task, delivery or request id: anything else names nothing."""
     return _ID.fullmatch(value) is not None

@@ -66,3 +66,9 @@ def verify(password: str, stored: str | None) -> bool:
         _derive(password, b"\0" * 16, N, R, P, DKLEN)
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def fingerprint(stored: str | None) -> str:
+    """A short digest of a stored hash: a browser's "signed in here before" mark carries it, so a
+    password change ends the mark's worth along with the sessions."""
+    return hashlib.sha256((stored or "").encode()).hexdigest()[:16]

@@ -53,6 +53,10 @@ FD_RESERVE = 256
 # the answer (closing while its request is still unread would send a reset, which can destroy
 # the 503 in the client's receive buffer before it reads it), short enough to cost little.
 REFUSED_LINGER = 2.0
+# Refused connections answered and lingering at once, at most: past it, refused ones are cut
+# without an answer, so that refusals can't use up the descriptors kept for the rest of the process.
+MAX_LINGERING = FD_RESERVE // 4
+_lingering = [0]  # in this process (a list: changed in place by the protocol instances)
 # Under an attack thousands of connections are timed out or refused; one log line per this
 # many seconds says how many.
 LOG_INTERVAL = 10.0
@@ -139,6 +143,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.limits.max_connections
         if cap > 0 and len(self.connections) >= cap:
+            if _lingering[0] >= MAX_LINGERING:
+                # A flood past the cap: answering each would hold a descriptor for REFUSED_LINGER
+                # seconds, and the reserve for the database and storage with it. Cut it at once.
+                _refusals.add(self.loop.time())
+                transport.abort()
+                return
             self._refuse(transport)
             return
         super().connection_made(transport)
@@ -150,6 +160,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._refused:
+            self._refused = False
+            _lingering[0] -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -239,6 +252,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, transport: asyncio.Transport) -> None:
         # Not added to server_state.connections: the cap counts connections being served.
         self._refused = True
+        _lingering[0] += 1
         self.transport = transport
         _refusals.add(self.loop.time())
         head = [b"HTTP/1.1 503 Service Unavailable\r\n"]

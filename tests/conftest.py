@@ -223,7 +223,7 @@ os.environ.update({
     "MEDIAGATE_BACKEND_TIMEOUT": "20",
     "MEDIAGATE_KEY_CACHE_SECONDS": "0.5",
     # A client that leaves mid-answer: the gateway reads on for the usage this long (default 5 s).
-    "MEDIAGATE_USAGE_DRAIN_SECONDS": "1",
+    "MEDIAGATE_USAGE_DRAIN_SECONDS": "2",
     "MEDIAGATE_ALLOW_PRIVATE_URLS": "1",
     "MEDIAGATE_WORKER_CONCURRENCY": "250",
     # Many apps and worker processes are alive at once in a run (and the chaos test starts more):

@@ -9,7 +9,9 @@ unpaired surrogates, deep nesting, malformed URLs, dates at the calendar's edges
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import pytest
@@ -25,6 +27,15 @@ TRICKY = ["", "0", "1", "-1", "²", "١٢", "⁵", "9" * 25, "9" * 5000, "1e3", 
 # What a URL can carry (no surrogates: they can't be encoded as UTF-8 at all).
 url_text = st.one_of(st.sampled_from(TRICKY), st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
                      st.integers(min_value=-10**30, max_value=10**30).map(str))
+# Cursors that decode: times at the calendar's edges, in any zone, with ids that are and aren't ids.
+cursors = st.builds(
+    lambda moment, row_id: base64.urlsafe_b64encode(f"{moment.isoformat()}|{row_id}".encode()).decode().rstrip("="),
+    st.one_of(st.datetimes(timezones=st.timezones()), st.datetimes(),
+              st.sampled_from([datetime.min.replace(tzinfo=timezone(timedelta(hours=14))),
+                               datetime.max.replace(tzinfo=timezone(timedelta(hours=-14)))])),
+    st.one_of(st.sampled_from(["media_x", "req_1", "", "\x00", "a|b", "x" * 100]), st.text(max_size=10)))
+cursor_text = st.one_of(url_text, cursors)
+EDGE_CURSOR = base64.urlsafe_b64encode(b"0001-01-01T00:00:00+14:00|media_x").decode()
 BAD_TEXT = ["\ud800", "a\ud83dz", "x\x00y", "\udfff\ud800"]
 json_text = st.one_of(st.sampled_from(BAD_TEXT + TRICKY), st.text(max_size=20))
 json_values = st.recursive(
@@ -61,9 +72,10 @@ def rich(make_account):
 # -- the task API ---------------------------------------------------------------------------------
 
 @PROPERTY
-@given(limit=url_text, status=url_text, cursor=url_text, task_id=url_text)
+@given(limit=url_text, status=url_text, cursor=cursor_text, task_id=url_text)
 @example(limit="²", status="", cursor="", task_id="%00")
 @example(limit="9" * 5000, status="pending", cursor="\x00", task_id="\x00")
+@example(limit="", status="", cursor=EDGE_CURSOR, task_id="x")
 def test_task_routes(client, rich, limit, status, cursor, task_id):
     headers = rich.headers
     assert_no_5xx(client.get("/v1/tasks", headers=headers, params={"limit": limit, "status": status,
@@ -120,11 +132,13 @@ def test_deep_json_is_a_400_in_the_route_shape(client, rich, path, family, body)
 # -- account, usage and model lists ---------------------------------------------------------------
 
 @PROPERTY
-@given(limit=url_text, since=url_text, until=url_text, model=url_text, key=url_text, cursor=url_text,
+@given(limit=url_text, since=url_text, until=url_text, model=url_text, key=url_text, cursor=cursor_text,
        format_=st.sampled_from(["", "csv", "json", "\x00"]))
 @example(limit="", since="", until="9999-12-31", model="", key="", cursor="", format_="")
 @example(limit="", since="", until="", model="", key="9" * 25, cursor="", format_="csv")
 @example(limit="", since="", until="", model="a\x00", key="9" * 30, cursor="", format_="csv")
+@example(limit="", since="", until="", model="", key="", cursor=EDGE_CURSOR, format_="csv")
+@example(limit="", since="", until="", model="", key="", cursor=EDGE_CURSOR, format_="")
 def test_usage(client, rich, limit, since, until, model, key, cursor, format_):
     response = client.get("/v1/usage", headers=rich.headers, params={
         "limit": limit, "from": since, "to": until, "model": model, "key": key, "cursor": cursor,

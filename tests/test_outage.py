@@ -152,3 +152,45 @@ def test_a_500_keeps_the_connection_alive(make_account, monkeypatch):
             # The same connection serves the next request.
             second = _raw_get(sock, "/v1/balance", account.key)
             assert second.startswith(b"HTTP/1.1 200") and b'"balance"' in second
+
+
+def _wrapped(orig: Exception):
+    from sqlalchemy import exc
+
+    return exc.OperationalError("SELECT 1", {}, orig)
+
+
+def test_an_outage_is_told_from_a_statement_that_failed():
+    import sqlite3
+
+    import psycopg
+    import psycopg_pool
+    from psycopg import errors
+
+    from app.db import is_outage
+
+    outages = [psycopg.OperationalError("connection failed: server closed the connection unexpectedly"),
+               errors.AdminShutdown(), errors.CannotConnectNow(), errors.TooManyConnections(),
+               psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec"),
+               _wrapped(sqlite3.OperationalError("database is locked")),
+               _wrapped(sqlite3.OperationalError("database or disk is full"))]
+    failures = [errors.DeadlockDetected(), errors.SerializationFailure(), errors.QueryCanceled(),
+                _wrapped(sqlite3.OperationalError("no such table: accounts"))]
+    assert [is_outage(e) for e in outages] == [True] * len(outages)
+    assert [is_outage(e) for e in failures] == [False] * len(failures)
+    assert [is_outage(_wrapped(e)) for e in outages[:4]] == [True] * 4
+    assert [is_outage(_wrapped(e)) for e in failures[:3]] == [False] * 3
+
+
+def test_a_deadlock_is_a_500_not_a_503(client, account, monkeypatch, caplog):
+    from psycopg import errors
+
+    from app import ledger
+
+    def deadlocked(conn, account_id):
+        raise _wrapped(errors.DeadlockDetected())
+
+    monkeypatch.setattr(ledger, "balance", deadlocked)
+    response = client.get("/v1/balance", headers=account.headers)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert any("unhandled error" in r.getMessage() for r in caplog.records)

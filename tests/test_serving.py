@@ -31,7 +31,7 @@ from app.serving import ConnectionLimits, http_protocol
 from tests.conftest import ROOT
 from tests.servers import ThreadedServer, free_port
 
-TIMEOUT = 1.5  # both timeouts of the test servers, seconds
+TIMEOUT = 3.0  # both timeouts of the test servers, seconds
 SLOW_APP = 2 * TIMEOUT  # how long the slow endpoint waits before it reads the body
 
 
@@ -263,6 +263,31 @@ def test_past_the_connection_cap_a_client_gets_a_clear_503() -> None:
         while served.server.server_state.connections and time.monotonic() < deadline:
             time.sleep(0.02)
         assert httpx.get(served.url + "/", timeout=5).text == "ok"
+
+
+def test_a_flood_past_the_cap_is_cut_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Answered refusals hold a descriptor for a moment each; past MAX_LINGERING of them at once,
+    # further ones are cut at once, so a flood can't use up the process's reserve.
+    monkeypatch.setattr("app.serving.MAX_LINGERING", 3)
+    with serve(ConnectionLimits(header_timeout=60, body_timeout=60, max_connections=5)) as (served, _):
+        idle = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(5)]
+        deadline = time.monotonic() + 5
+        while len(served.server.server_state.connections) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        flood = [socket.create_connection(("127.0.0.1", served.port), timeout=5) for _ in range(10)]
+        try:
+            time.sleep(1)  # all of them accepted (and refused) before any is read and closed
+            answers = []
+            for sock in flood:
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                answers.append(got.startswith(b"HTTP/1.1 503 "))
+            assert sum(answers) == 3  # three answered while they linger; the other seven cut at once
+        finally:
+            for sock in flood + idle:
+                sock.close()
 
 
 def _open_file_limits(pid: int) -> tuple[int, int]:

@@ -55,7 +55,8 @@ async def login(ctx: Ctx) -> Response:
     guard = limiter(ctx.request)
     address = client_address(ctx.request)
     found = await run(ctx.state.engine, queries.login_account, email)
-    wait = guard.retry_after(email, address, known_browser=found is not None and ctx.session.last_account == found[0])
+    known = found is not None and sessions.knows(ctx.session, found[0], found[1])
+    wait = guard.retry_after(email, address, known_browser=known)
     if wait:
         response = ctx.render("login.html", status=429, email=email, next=target, message=None,
                               error=f"Too many failed sign-ins. Try again in {(wait + 59) // 60} minute(s).")
@@ -70,7 +71,8 @@ async def login(ctx: Ctx) -> Response:
     token = await run(ctx.state.engine, accounts.start_session, found[0], timedelta(seconds=sessions.MAX_AGE),
                       replaces=ctx.session.token)
     # A new session (and CSRF token) on sign-in: a token seen before it is worth nothing after.
-    ctx.session = sessions.Session(token=token, last_account=found[0], changed=True)
+    ctx.session = sessions.Session(token=token, last_account=found[0], last_password=passwords.fingerprint(stored),
+                                   changed=True)
     return RedirectResponse(target, status_code=303)
 
 
@@ -78,14 +80,15 @@ async def login(ctx: Ctx) -> Response:
 async def logout(ctx: Ctx) -> Response:
     if ctx.session.token is not None:
         await run(ctx.state.engine, accounts.end_session, ctx.session.token)
-    ctx.session = sessions.Session(last_account=ctx.session.last_account, changed=True)
+    ctx.session = sessions.Session(last_account=ctx.session.last_account, last_password=ctx.session.last_password,
+                                   changed=True)
     return _see("/dashboard/login")
 
 
 @page()
 async def logout_everywhere(ctx: Ctx) -> Response:
     await run(ctx.state.engine, accounts.end_sessions, ctx.account_id)
-    ctx.session = sessions.Session(last_account=ctx.account_id, changed=True)
+    ctx.session = sessions.Session(changed=True)  # signing out everywhere forgets this browser too
     return _see("/dashboard/login", "signed-out-everywhere")
 
 
@@ -191,9 +194,11 @@ async def task(ctx: Ctx) -> Response:
 
 @page()
 async def thumbnail(ctx: Ctx) -> Response:
-    task_id, index = ctx.request.path_params["task_id"], ctx.request.path_params["index"]
-    async with ctx.state.engine.connect() as conn:
-        url = await conn.run_sync(queries.task_image_url, ctx.account_id, task_id, index)
+    task_id, index = ctx.request.path_params["task_id"], params.position(ctx.request.path_params["index"])
+    url = None
+    if index is not None and params.is_id(task_id):
+        async with ctx.state.engine.connect() as conn:
+            url = await conn.run_sync(queries.task_image_url, ctx.account_id, task_id, index)
     key = thumbs.storage_key(url) if url else None
     if key is None:
         return Response(status_code=404)
@@ -285,7 +290,7 @@ routes = [
     Route("/usage.csv", usage_csv, methods=["GET"]),
     Route("/tasks", tasks, methods=["GET"]),
     Route("/tasks/{task_id}", task, methods=["GET"]),
-    Route("/tasks/{task_id}/thumb/{index:int}.webp", thumbnail, methods=["GET"]),
+    Route("/tasks/{task_id}/thumb/{index}.webp", thumbnail, methods=["GET"]),
     Route("/models", models, methods=["GET"]),
     Route("/webhooks", webhooks_page, methods=["GET"]),
     Route("/webhooks/secret", reveal_secret, methods=["POST"]),

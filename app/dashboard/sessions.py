@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import passwords
+
 COOKIE = "mediagate_session"
 COOKIE_PATH = "/dashboard"
 MAX_AGE = 14 * 24 * 3600
@@ -63,8 +65,11 @@ class Session:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     token: str | None = None  # the signed-in session's token (its row is keyed by the hash)
     # The account this browser last signed in to, kept after signing out: the login limiter
-    # lets it past the per-account limit, which strangers' failures may have used up.
+    # lets it past the per-account limit, which strangers' failures may have used up. With a
+    # fingerprint of the password it signed in with (passwords.fingerprint): a changed password
+    # makes the mark worth nothing, so a copy of an old cookie gets no guesses past the limit.
     last_account: int | None = None
+    last_password: str | None = None
     issued_at: int = field(default_factory=lambda: int(time.time()))
     changed: bool = False  # needs a Set-Cookie on the response
 
@@ -77,7 +82,8 @@ class Signer:
         return _b64(hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest())
 
     def dumps(self, session: Session) -> str:
-        body = {"c": session.csrf, "s": session.token, "k": session.last_account, "t": session.issued_at}
+        body = {"c": session.csrf, "s": session.token, "k": session.last_account, "f": session.last_password,
+                "t": session.issued_at}
         payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{self._mac(payload)}"
 
@@ -90,9 +96,10 @@ class Signer:
             return None
         try:
             body = json.loads(_unb64(payload))
-            token, last = body.get("s"), body.get("k")
+            token, last, fingerprint = body.get("s"), body.get("k"), body.get("f")
             session = Session(csrf=str(body["c"]), token=str(token) if token else None,
-                              last_account=int(last) if last is not None else None, issued_at=int(body["t"]))
+                              last_account=int(last) if last is not None else None,
+                              last_password=str(fingerprint) if fingerprint else None, issued_at=int(body["t"]))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         if session.issued_at + MAX_AGE < time.time():
@@ -102,6 +109,12 @@ class Signer:
 
 def csrf_ok(session: Session, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(session.csrf, str(token))
+
+
+def knows(session: Session, account_id: int, password_hash: str | None) -> bool:
+    """Whether the browser of `session` signed in to this account with its current password."""
+    return (session.last_account == account_id and session.last_password is not None
+            and hmac.compare_digest(session.last_password, passwords.fingerprint(password_hash)))
 
 
 class LoginLimiter:

@@ -198,13 +198,14 @@ class ProxyResponse:
 
     def _usage(self) -> tuple[Usage | None, bool]:
         """What the call is charged for, and whether that is an estimate: the upstream's final count;
-        else, for an answer that was begun (the client left, or the upstream broke off or never
-        reported), an estimate from what it reported and generated; else nothing."""
+        else, for any answer the upstream began with a 2xx (the client left, the upstream broke off
+        or never reported), an estimate from what it reported and generated: the provider bills the
+        input of a call it answered even when no text came (a model thinking); else nothing."""
         call, raw = self.call, self.raw_usage
         reported = call.format.normalize(raw) if raw is not None else None
         if reported is not None and self.final:
             return reported, False
-        if self.status is not None and 200 <= self.status < 300 and (raw is not None or self.text_bytes):
+        if self.status is not None and 200 <= self.status < 300:
             return estimated(reported, call.input_estimate, self.text_bytes), True
         return None, False
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from app import pagination, params
 from app.auth import require
-from app.db import UNAVAILABLE
+from app.db import UNAVAILABLE, is_outage
 from app.errors import API_PREFIX, APIError, server_error, unavailable
 from app.proxy import calls, models_list, records
 from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
@@ -50,14 +50,13 @@ class Passthrough:
             await error.response(self.family)(scope, receive, send)
         except calls.ClientGone:
             pass
-        except UNAVAILABLE as exc:  # the database is down: auth or the hold could not be had
-            if response is not None and response.started:
-                raise
-            state.outage.failed(exc, f"{scope['method']} {scope['path']}")
-            await unavailable().response(self.family)(scope, receive, send)
-        except Exception:
+        except Exception as exc:
             if response is not None and response.started:
                 raise  # the server ends the broken response
+            if isinstance(exc, UNAVAILABLE) and is_outage(exc):  # auth or the hold could not be had
+                state.outage.failed(exc, f"{scope['method']} {scope['path']}")
+                await unavailable().response(self.family)(scope, receive, send)
+                return
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             await server_error().response(self.family)(scope, receive, send)
 

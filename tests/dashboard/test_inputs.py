@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 
 from tests.dashboard.conftest import csrf_of, sign_in
-from tests.test_inputs import PROPERTY, assert_no_5xx, url_text
+from tests.test_inputs import EDGE_CURSOR, PROPERTY, assert_no_5xx, cursor_text, url_text
 
 
 @pytest.fixture
@@ -19,11 +19,12 @@ def admin_page(web, make_user):
 
 
 @PROPERTY
-@given(since=url_text, until=url_text, model=url_text, key=url_text, before=url_text, status=url_text,
-       task_id=url_text, q=url_text)
+@given(since=url_text, until=url_text, model=url_text, key=url_text, before=cursor_text, status=url_text,
+       task_id=url_text, q=url_text, index=url_text)
 @example(since="9999-12-31", until="9999-12-31", model="\x00", key="9" * 30, before="\x00", status="",
-         task_id="\x00", q="\x00")
-def test_dashboard_pages(web, admin_page, since, until, model, key, before, status, task_id, q):
+         task_id="\x00", q="\x00", index="9" * 5000)
+@example(since="", until="", model="", key="", before=EDGE_CURSOR, status="", task_id="x", q="", index="0")
+def test_dashboard_pages(web, admin_page, since, until, model, key, before, status, task_id, q, index):
     filters = {"from": since, "to": until, "model": model, "key": key, "before": before}
     for path, params in (("/dashboard/usage", filters), ("/dashboard/usage.csv", filters),
                          ("/dashboard/tasks", {"status": status, "before": before}), ("/dashboard/admin", {"q": q}),
@@ -31,7 +32,7 @@ def test_dashboard_pages(web, admin_page, since, until, model, key, before, stat
         assert_no_5xx(web.get(path, params=params))
     task = quote(task_id, safe="")
     assert_no_5xx(web.get(f"/dashboard/tasks/{task}"))
-    assert_no_5xx(web.get(f"/dashboard/tasks/{task}/thumb/0.webp"))
+    assert_no_5xx(web.get(f"/dashboard/tasks/{task}/thumb/{quote(index, safe='')}.webp"))
 
 
 @PROPERTY

@@ -191,3 +191,18 @@ def test_the_known_browser_mark_is_signed(web, user, make_user, limiter):
         stranger.cookies.set(sessions.COOKIE, forged, path=sessions.COOKIE_PATH)
         assert sign_in(stranger, user).status_code == 429
         assert sign_in(stranger, other).status_code == 303  # other accounts are not held by it
+
+
+def test_the_known_browser_mark_is_worth_nothing_after_a_password_change(web, user, limiter, engine):
+    # Whoever once signed in (before a reset, say) must not keep guessing past the per-account limit.
+    from app import accounts, passwords
+
+    with browser(web, "10.0.4.9") as former:
+        assert sign_in(former, user).status_code == 303
+        former.post("/dashboard/logout", data={"csrf": csrf_of(former.get("/dashboard/").text)})
+        with engine.begin() as conn:
+            accounts.set_password_hash(conn, user.id, passwords.hash_password("a new password, long enough"))
+        for n in range(5):
+            with browser(web, f"10.0.4.{n}") as guesser:
+                assert _fail(guesser, user.email) == 401
+        assert _fail(former, user.email) == 429  # the old mark no longer lets it past

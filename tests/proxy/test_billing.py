@@ -46,7 +46,7 @@ def test_client_disconnect_mid_stream_charges_the_reported_input_and_an_estimate
             "messages": [{"role": "user", "content": f"[in:1000] [out:400] [hang:1] [tag:{tag}]"}]}
     got = read_then_leave(base + "/anthropic/v1/messages", {"x-api-key": account.key}, body, b"text_delta")
     assert b"message_start" in got
-    # The gateway read on for the usage (1 s here), then closed its upstream request.
+    # The gateway read on for the usage (2 s here), then closed its upstream request.
     assert llm_upstream.closed[tag].wait(5)
     record = usage_rows(engine, account.id)[0]
     assert record.client_disconnected and record.usage_reported and record.upstream_status == 200

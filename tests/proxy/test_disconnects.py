@@ -1,6 +1,6 @@
 """A client that leaves mid-answer pays for what the provider generated, never $0 for content served.
 
-The gateway reads the upstream on for MEDIAGATE_USAGE_DRAIN_SECONDS (1 s in the tests) after the
+The gateway reads the upstream on for MEDIAGATE_USAGE_DRAIN_SECONDS (2 s in the tests) after the
 client leaves, for the provider's own usage; when that does not come, it charges an estimate from
 what was streamed (`usage_estimated`). Before the upstream answers, leaving closes its request at
 once and costs nothing (tests/proxy/test_billing.py).
@@ -58,7 +58,7 @@ def test_leaving_before_the_usage_event_is_charged_the_reported_usage(route, bas
     # The issue this fixes: a client that read the whole text and closed before the usage event paid $0.
     account = make_account()
     tag = secrets.token_hex(6)
-    got = _leave(base, account, route, f"[in:1000] [out:300] [tail:300] [tag:{tag}]")
+    got = _leave(base, account, route, f"[in:1000] [out:300] [tail:800] [tag:{tag}]")
     assert ROUTES[route][2] in got
     record = usage_rows(engine, account.id)[0]
     assert record.client_disconnected and record.upstream_status == 200
@@ -78,9 +78,9 @@ def test_usage_that_never_comes_is_estimated_from_what_was_streamed(route, base,
     started = time.monotonic()
     _leave(base, account, route, f"[in:1000] [out:60] [hang:{hang}] [tag:{tag}]",
            until=None if route == "gemini" else b" fake upstream.")
-    # Read on for the drain time (1 s here), then the upstream request is closed.
+    # Read on for the drain time (2 s here), then the upstream request is closed.
     assert llm_upstream.closed[tag].wait(10)
-    assert 0.8 < time.monotonic() - started < 8
+    assert 1.8 < time.monotonic() - started < 9
     record = usage_rows(engine, account.id)[0]
     assert record.client_disconnected and record.usage_estimated and record.upstream_status == 200
     sent = next(call["body"] for call in llm_upstream.calls if f"[tag:{tag}]".encode() in call["body"])
@@ -166,3 +166,17 @@ def test_gemini_generation_config_is_checked(config, base, account):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["status"] == "INVALID_ARGUMENT" and "generationConfig" in error["message"]
+
+
+def test_an_answer_begun_without_text_is_charged_its_input(base, make_account, engine, llm_upstream):
+    # A model that thinks before its first token: the head and the role chunk came, then nothing.
+    # The provider bills the input of a call it answered, so the gateway charges the hold's estimate.
+    account = make_account()
+    tag = secrets.token_hex(6)
+    _leave(base, account, "chat", f"[hang:0] [tag:{tag}]", until=b'"role":"assistant"')
+    assert llm_upstream.closed[tag].wait(10)
+    record = usage_rows(engine, account.id)[0]
+    sent = next(call["body"] for call in llm_upstream.calls if f"[tag:{tag}]".encode() in call["body"])
+    assert record.usage_estimated and not record.usage_reported
+    assert (record.input_tokens, record.output_tokens) == (len(sent), 0)
+    assert record.cost == _cost("chat", len(sent), 0) > 0
