@@ -1,10 +1,10 @@
-"""Alembic environment: the URL comes from the caller (app.migrations) or app.settings."""
+"""Alembic environment: the URL comes from the caller (app.core.migrations) or app.core.settings."""
 
 from alembic import context
 
-from app.db import make_engine
-from app.models import Base
-from app.settings import get_settings
+from app.core.db import make_engine
+from app.core.models import Base
+from app.core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

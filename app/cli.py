@@ -9,21 +9,21 @@ import signal
 import subprocess
 import sys
 
-from app import accounts, keys, ledger, money
-from app.settings import get_settings
+from app.core import accounts, keys, ledger, money
+from app.core.settings import get_settings
 
 DEV_EMAIL = "dev@localhost"
 DEV_BALANCE = "10"
 
 
 def _engine():
-    from app.db import make_engine
+    from app.core.db import make_engine
 
     return make_engine(get_settings().database_url, pool_size=1)
 
 
 def cmd_migrate(args) -> None:
-    from app.migrations import upgrade
+    from app.core.migrations import upgrade
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def _die_with_parent() -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from app import serving
+    from app.http import serving
 
     settings = get_settings()
     # First, so that every process started below inherits it: uvicorn's workers, the embedded worker.
@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         worker = subprocess.Popen(_worker_argv(["-B", "--without-gossip", "--without-mingle",
                                                 "--without-heartbeat"]), preexec_fn=_die_with_parent)
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+        uvicorn.run("app.http.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                     log_level="info", access_log=args.access_log, proxy_headers=True,
                     http=http)  # type: ignore[arg-type]  # a protocol factory: uvicorn calls it like the class
     finally:
@@ -134,7 +134,7 @@ def cmd_accounts(args) -> None:
 
 def _password_from_stdin() -> str:
     """The first line of stdin, hashed: for scripts (`printf '%s\\n' "$PW" | mediagate accounts create ...`)."""
-    from app import passwords
+    from app.core import passwords
 
     return passwords.hash_password(sys.stdin.readline().rstrip("\r\n"))
 
@@ -142,7 +142,7 @@ def _password_from_stdin() -> str:
 def _password_prompt(email: str) -> str:
     import getpass
 
-    from app import passwords
+    from app.core import passwords
 
     first = getpass.getpass(f"New dashboard password for {email}: ")
     passwords.check_strength(first)

@@ -33,9 +33,9 @@ def drop_database(name: str) -> None:
 
 
 def make_accounts(database_url: str, count: int, balance_usd: str = "1000000") -> tuple[list[int], list[str]]:
-    from app import accounts, keys, money
-    from app.db import make_engine
-    from app.migrations import upgrade
+    from app.core import accounts, keys, money
+    from app.core.db import make_engine
+    from app.core.migrations import upgrade
 
     upgrade(database_url)
     engine = make_engine(database_url, pool_size=1)

@@ -55,7 +55,7 @@ def main() -> None:
             key = subprocess.run([sys.executable, "-c", PREPARE], cwd=directory, env=own, check=True,
                                  capture_output=True, text=True).stdout.split()[-1]
             port = free_port()
-            procs.append(serve("app.main:create_app", port, own, factory=True, cwd=Path(directory)))
+            procs.append(serve("app.http.app:create_app", port, own, factory=True, cwd=Path(directory)))
             targets[name] = (f"http://127.0.0.1:{port}/llm-api/v1/chat/completions", procs[-1], f"Bearer {key}")
         body = BODY % (b',"stream":true' if args.stream else b"")
         runs: dict[str, list[dict]] = {name: [] for name in targets}

@@ -129,10 +129,10 @@ def cpu_seconds(pid: int) -> float:
 def prepare_gateway(env: dict) -> str:
     """Migrate the database and make a funded account; returns its API key."""
     os.environ.update(env)
-    from app import accounts, keys, money
-    from app.db import make_engine
-    from app.migrations import upgrade
-    from app.settings import Settings
+    from app.core import accounts, keys, money
+    from app.core.db import make_engine
+    from app.core.migrations import upgrade
+    from app.core.settings import Settings
 
     settings = Settings.from_env(env)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def main() -> None:
     for workers in sorted({int(n) for n in args.workers.split(",")}):
         # Each count is a server of its own, on the same database and account.
         port = free_port()
-        procs.append(serve("app.main:create_app", port, env, factory=True, workers=workers))
+        procs.append(serve("app.http.app:create_app", port, env, factory=True, workers=workers))
         wait_ready(port, workers)
         targets["mediagate" if workers == 1 else f"mediagate x{workers}"] = (port, "/llm-api", procs[-1])
     if args.compare_clients:

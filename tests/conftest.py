@@ -43,7 +43,7 @@ TEST_DB_NAME = f"mediagate_test_{os.getpid()}_{secrets.token_hex(3)}"
 def _pg_url_for(database: str) -> str:
     from sqlalchemy.engine import make_url
 
-    from app.settings import normalize_database_url
+    from app.core.settings import normalize_database_url
 
     return make_url(normalize_database_url(PG_URL)).set(database=database).render_as_string(hide_password=False)
 
@@ -243,7 +243,7 @@ else:
 
 @pytest.fixture(scope="session")
 def settings():
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     return Settings.from_env()
 
@@ -259,7 +259,7 @@ def _reserved_sockets():
 @pytest.fixture(scope="session", autouse=True)
 def database(settings):
     """A fresh, migrated database for this run."""
-    from app.migrations import upgrade
+    from app.core.migrations import upgrade
 
     if INTEGRATION:
         import psycopg
@@ -281,7 +281,7 @@ def database(settings):
 
 @pytest.fixture(scope="session")
 def engine(database, settings):
-    from app.db import make_engine
+    from app.core.db import make_engine
 
     engine = make_engine(settings.database_url, pool_size=5)
     yield engine
@@ -369,7 +369,7 @@ def worker(database, fake_images):
 
 @pytest.fixture(scope="session")
 def app(database):
-    from app.main import create_app
+    from app.http.app import create_app
 
     return create_app()
 
@@ -395,7 +395,7 @@ class TestAccount:
 
 @pytest.fixture
 def make_account(engine):
-    from app import accounts, keys, money
+    from app.core import accounts, keys, money
 
     def make(balance: str = "10") -> TestAccount:
         email = f"user-{secrets.token_hex(5)}@example.com"

@@ -11,12 +11,12 @@ import uuid
 
 from sqlalchemy import update
 
-from app.auth import Principal
-from app.catalog import load
+from app.core.auth import Principal
+from app.core.catalog import load
 from app.images import service
 from app.images.validation import GenerationRequest
-from app.models import ImageTask, utcnow
-from app.settings import get_settings
+from app.core.models import ImageTask, utcnow
+from app.core.settings import get_settings
 
 
 def parked_task(engine, account, *, webhook_url: str | None = None, model: str = "local-image",

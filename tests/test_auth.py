@@ -4,7 +4,7 @@ import asyncio
 
 from starlette.requests import Request
 
-from app.auth import Authenticator
+from app.core.auth import Authenticator
 
 
 class CountingEngine:
@@ -53,7 +53,7 @@ def test_concurrent_requests_for_an_uncached_key_share_one_lookup():
 
 
 def test_an_unknown_key_is_refused_for_everyone_waiting_on_its_lookup():
-    from app.errors import APIError
+    from app.core.errors import APIError
 
     engine = CountingEngine(found=None)
     auth = Authenticator(engine, ttl=5)

@@ -1,7 +1,7 @@
 import pytest
 
-from app import catalog, money
-from app.catalog import CatalogError
+from app.core import catalog, money
+from app.core.catalog import CatalogError
 
 BASE = """
 [providers.openai]

@@ -102,7 +102,7 @@ def _prompt(rng: random.Random, i: int) -> str:
 def chaos_db():
     import psycopg
 
-    from app.migrations import upgrade
+    from app.core.migrations import upgrade
 
     name = f"{TEST_DB_NAME}_chaos"
     admin = _pg_url_for("postgres").replace("postgresql+psycopg://", "postgresql://")
@@ -128,11 +128,11 @@ def _broker_outage(redis_client, db: int) -> None:
 def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
     import redis
 
-    from app import accounts, keys, ledger, money
-    from app.db import make_engine
-    from app.main import create_app
-    from app.models import ImageTask, LedgerEntry, WebhookDelivery
-    from app.settings import Settings
+    from app.core import accounts, keys, ledger, money
+    from app.core.db import make_engine
+    from app.http.app import create_app
+    from app.core.models import ImageTask, LedgerEntry, WebhookDelivery
+    from app.core.settings import Settings
 
     rng = random.Random(SEED)
     print(f"chaos seed {SEED} (MEDIAGATE_CHAOS_SEED={SEED} replays the workload)")

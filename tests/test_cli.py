@@ -48,7 +48,7 @@ def test_cli_errors_are_messages_not_tracebacks(capsys):
 def test_revoking_by_a_prefix_two_keys_share_is_refused(capsys, engine, make_account):
     from sqlalchemy import update
 
-    from app.models import ApiKey
+    from app.core.models import ApiKey
 
     first, second = make_account(), make_account()
     with engine.begin() as conn:  # force the (astronomically unlikely) collision of display prefixes

@@ -1,13 +1,13 @@
-"""app.db helpers against the run's database (SQLite, or PostgreSQL in CI)."""
+"""app.core.db helpers against the run's database (SQLite, or PostgreSQL in CI)."""
 
 import uuid
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import insert, select
 
-from app import accounts, money
-from app.db import insert_rows
-from app.models import UsageRecord
+from app.core import accounts, money
+from app.core.db import insert_rows
+from app.core.models import UsageRecord
 
 
 def _rows(account_id: int, prefix: str) -> list[dict]:
@@ -47,7 +47,7 @@ def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
     from sqlalchemy.dialects import sqlite
     from sqlalchemy.dialects.sqlite import DATETIME
 
-    from app.models import UTCDateTime
+    from app.core.models import UTCDateTime
 
     dialect = sqlite.dialect()
     ours, theirs = UTCDateTime().bind_processor(dialect), DATETIME().bind_processor(dialect)
@@ -63,7 +63,7 @@ def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
 def test_time_ordered_ids_sort_by_time_and_do_not_repeat():
     import time
 
-    from app.models import time_ordered_id
+    from app.core.models import time_ordered_id
 
     first = [time_ordered_id("req_") for _ in range(10_000)]
     time.sleep(0.002)
@@ -78,7 +78,7 @@ def test_a_forked_process_does_not_repeat_its_parent_s_ids():
     state at the fork; each must draw different ids from then on."""
     import os
 
-    from app.models import time_ordered_id
+    from app.core.models import time_ordered_id
 
     def random_parts(count: int) -> list[str]:
         return [time_ordered_id("req_")[16:] for _ in range(count)]  # after the 12 digits of time

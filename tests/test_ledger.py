@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import accounts, ledger, money
-from app.models import LedgerEntry, LLMHold, utcnow
+from app.core import accounts, ledger, money
+from app.core.models import LedgerEntry, LLMHold, utcnow
 
 
 @pytest.fixture

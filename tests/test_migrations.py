@@ -3,7 +3,7 @@
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.models import Base
+from app.core.models import Base
 
 
 def test_models_and_migrations_agree(engine):

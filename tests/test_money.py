@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from app import money
+from app.core import money
 
 
 def test_parse_and_render_exact_amounts():

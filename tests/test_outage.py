@@ -72,7 +72,7 @@ class Relay:
 
 @pytest.mark.skipif(not os.environ.get("MEDIAGATE_TEST_DATABASE_URL"), reason="a PostgreSQL server to cut off")
 def test_every_route_answers_503_in_its_shape_while_postgresql_is_away(settings, engine, make_account, caplog):
-    from app.main import create_app
+    from app.http.app import create_app
 
     account = make_account()
     with Relay(engine.url.host, engine.url.port or 5432) as relay:
@@ -83,7 +83,7 @@ def test_every_route_answers_503_in_its_shape_while_postgresql_is_away(settings,
             assert client.get("/v1/balance", headers=account.headers).status_code == 200
             relay.cut()
             time.sleep(1)  # past the key cache (0.5 s in the tests): the key must be looked up again
-            caplog.set_level(logging.ERROR, logger="app.db")
+            caplog.set_level(logging.ERROR, logger="app.core.db")
             key = {"Authorization": f"Bearer {account.key}"}
             calls = [
                 ("GET", "/v1/balance", {}, None, "openai"),
@@ -135,8 +135,8 @@ def _raw_get(sock: socket.socket, path: str, key: str) -> bytes:
 
 
 def test_a_500_keeps_the_connection_alive(make_account, monkeypatch):
-    from app import ledger
-    from app.main import create_app
+    from app.core import ledger
+    from app.http.app import create_app
 
     account = make_account()
 
@@ -167,7 +167,7 @@ def test_an_outage_is_told_from_a_statement_that_failed():
     import psycopg_pool
     from psycopg import errors
 
-    from app.db import is_outage
+    from app.core.db import is_outage
 
     outages = [psycopg.OperationalError("connection failed: server closed the connection unexpectedly"),
                errors.AdminShutdown(), errors.CannotConnectNow(), errors.TooManyConnections(),
@@ -185,7 +185,7 @@ def test_an_outage_is_told_from_a_statement_that_failed():
 def test_a_deadlock_is_a_500_not_a_503(client, account, monkeypatch, caplog):
     from psycopg import errors
 
-    from app import ledger
+    from app.core import ledger
 
     def deadlocked(conn, account_id):
         raise _wrapped(errors.DeadlockDetected())

@@ -1,4 +1,4 @@
-"""Slow and idle clients (app/serving.py), against real uvicorn servers on loopback: slowloris
+"""Slow and idle clients (app/http/serving.py), against real uvicorn servers on loopback: slowloris
 headers and stalled bodies are closed after their timeouts while ordinary requests keep their
 latency, a slow app keeps its client, the connection cap answers a clear 503, and `mediagate
 serve --workers 2` raises the open-file limit and serves with all of it in its spawned workers."""
@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from app.serving import ConnectionLimits, http_protocol
+from app.http.serving import ConnectionLimits, http_protocol
 from tests.conftest import ROOT
 from tests.servers import ThreadedServer, free_port
 
@@ -268,7 +268,7 @@ def test_past_the_connection_cap_a_client_gets_a_clear_503() -> None:
 def test_a_flood_past_the_cap_is_cut_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
     # Answered refusals hold a descriptor for a moment each; past MAX_LINGERING of them at once,
     # further ones are cut at once, so a flood can't use up the process's reserve.
-    monkeypatch.setattr("app.serving.MAX_LINGERING", 3)
+    monkeypatch.setattr("app.http.serving.MAX_LINGERING", 3)
     with serve(ConnectionLimits(header_timeout=60, body_timeout=60, max_connections=5)) as (served, _):
         idle = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(5)]
         deadline = time.monotonic() + 5
@@ -356,7 +356,7 @@ def test_serve_with_workers_raises_the_file_limit_and_guards_every_worker(tmp_pa
 
 
 def test_the_connection_cap_fits_the_open_file_limit() -> None:
-    from app.serving import FD_RESERVE, connection_cap
+    from app.http.serving import FD_RESERVE, connection_cap
 
     assert connection_cap(4096, 1_048_576) == 4096
     # At 1,024 descriptors, two a connection beside the process's own: 384, not 4,096.

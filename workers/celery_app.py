@@ -1,4 +1,4 @@
-"""The Celery app, configured from app.settings.
+"""The Celery app, configured from app.core.settings.
 
 Production: MEDIAGATE_BROKER_URL (Redis). Embedded default: kombu's filesystem
 transport in the data dir, so `mediagate serve` needs no other service.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
 
 GENERATE = "images.generate"
 DELIVER = "webhooks.deliver"

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import httpx
 from sqlalchemy import Engine
 
-from app import catalog as catalog_module
-from app import urls
+from app.core import catalog as catalog_module
+from app.core import outbound
 from app import storage as storage_module
-from app.catalog import Catalog, Provider
-from app.db import make_engine
-from app.settings import Settings, get_settings
+from app.core.catalog import Catalog, Provider
+from app.core.db import make_engine
+from app.core.settings import Settings, get_settings
 from workers.backends import make_backend
 from workers.backends.base import ImageBackend
 
@@ -24,7 +24,7 @@ class WorkerContext:
     settings: Settings
     engine: Engine
     catalog: Catalog
-    storage: storage_module.LocalStorage
+    storage: storage_module.Storage
     http: httpx.Client
     # For user-supplied URLs (webhooks, reference images): connects only to public addresses.
     outbound: httpx.Client
@@ -50,7 +50,7 @@ class WorkerContext:
                                     max_keepalive_connections=settings.worker_concurrency),
                 follow_redirects=False,
             ),
-            outbound=urls.outbound_client(settings.allow_private_urls, timeout=settings.webhook_timeout,
+            outbound=outbound.outbound_client(settings.allow_private_urls, timeout=settings.webhook_timeout,
                                           max_connections=settings.worker_concurrency + 20),
         )
 

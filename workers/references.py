@@ -1,6 +1,6 @@
 """Reference images for image-to-image: data URIs decoded, URLs downloaded with caps, all verified.
 
-Downloads go through the outbound client (app.urls.outbound_client), which connects only
+Downloads go through the outbound client (app.core.outbound.outbound_client), which connects only
 to public addresses; every redirect hop is a new request, so it is checked again.
 """
 
@@ -11,8 +11,8 @@ from urllib.parse import urljoin
 
 import httpx
 
-from app.errors import APIError
-from app.urls import BlockedAddress
+from app.core.errors import APIError
+from app.core.outbound import BlockedAddress
 from app.images.validation import decode_data_uri, verify_image
 from workers.backends.base import PermanentError, Reference, TransientError
 

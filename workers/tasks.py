@@ -7,9 +7,10 @@ from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from app import accounts, dispatch, ledger
+from app.core import accounts, ledger
+from app.images import outbox
 from app.images import lifecycle
-from app.models import utcnow
+from app.core.models import utcnow
 from app.webhooks import service as webhook_service
 from workers import events, generation, webhooks
 from workers.celery_app import DELIVER, DISPATCH, GENERATE, SWEEP, celery, publisher
@@ -29,9 +30,9 @@ def dispatch_pending() -> int:
     ctx = get_context()
     total = 0
     while True:
-        count = dispatch.dispatch(ctx.engine, publisher(celery))
+        count = outbox.dispatch(ctx.engine, publisher(celery))
         total += count
-        if count < dispatch.BATCH:
+        if count < outbox.BATCH:
             return total
 
 
@@ -64,7 +65,7 @@ def sweep() -> dict:
 
     step("holds", lambda: release_expired_holds(ctx.engine))
     step("recovered", lambda: _recover_tasks(ctx))
-    step("dispatched", lambda: dispatch.dispatch(ctx.engine, publisher(celery),
+    step("dispatched", lambda: outbox.dispatch(ctx.engine, publisher(celery),
                                                  stale_after=ctx.settings.redispatch_after))
     step("webhooks", lambda: webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
                                                       stale_after=ctx.settings.redispatch_after))

@@ -27,7 +27,7 @@ def upgrade() -> None:
     with op.batch_alter_table('llm_holds', schema=None) as batch_op:
         batch_op.create_index('ix_llm_holds_expires_at', ['expires_at'], unique=False)
     # Holds taken before this revision have no owner to renew them: give them one whose lease
-    # has already run out, so the next sweep hands them back (through app.ledger, keeping
+    # has already run out, so the next sweep hands them back (through app.core.ledger, keeping
     # accounts.held equal to the sum of the rows). Upgrade with the web processes stopped, as
     # for any migration, so no call from before settles afterwards.
     op.execute("INSERT INTO llm_holds (owner, account_id, amount, expires_at, created_at) "

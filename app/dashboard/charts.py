@@ -8,7 +8,7 @@ from html import escape
 
 from markupsafe import Markup
 
-from app import money
+from app.core import money
 
 PALETTE = ("#4f6bed", "#e8743b", "#19a979", "#ed4a7b", "#945ecf", "#13a4b4", "#bf8b00", "#6c8893")
 MAX_SERIES = len(PALETTE) - 1  # the rest share the last colour as "other models"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from app import money
-from app.catalog import Catalog, Model
+from app.core import money
+from app.core.catalog import Catalog, Model
 from app.proxy.formats import FORMATS as LLM_FORMATS
 
 # Examples of the models each format serves, as the hosted docs give them.

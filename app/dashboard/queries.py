@@ -1,6 +1,6 @@
 """What the dashboard reads and writes. Sync functions on a `Connection`; the caller owns the transaction.
 
-Balances change only through app.ledger, keys through app.keys, and usage records are
+Balances change only through app.core.ledger, keys through app.core.keys, and usage records are
 read through app.proxy.records (the same pages and CSV as GET /v1/usage). This module
 reads the tables directly where no service function exists (spend by day, the task
 gallery with its webhook deliveries, the accounts list).
@@ -14,10 +14,10 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, case, func, select
 
-from app import accounts, ledger, pagination
-from app import params as app_params
-from app.errors import APIError
-from app.models import Account, ApiKey, DashboardSession, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
+from app.core import accounts, ledger, pagination
+from app.core import params as app_params
+from app.core.errors import APIError
+from app.core.models import Account, ApiKey, DashboardSession, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
 from app.proxy import records
 
 CHART_DAYS = 30

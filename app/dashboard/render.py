@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, pass_context, select_autoescape
 from markupsafe import Markup, escape
 
-from app import money
+from app.core import money
 
 HERE = Path(__file__).resolve().parent
 TZ_COOKIE = "tz"

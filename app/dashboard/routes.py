@@ -12,13 +12,13 @@ from starlette.responses import FileResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app import accounts, keys, money, params, passwords
+from app.core import accounts, keys, money, params, passwords
 from app.dashboard import charts, export, pricing, queries, sessions, thumbs
 from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
-from app.db import run
-from app.errors import APIError
+from app.core.db import run
+from app.core.errors import APIError
 from app.images.service import TERMINAL
-from app.models import utcnow
+from app.core.models import utcnow
 from app.proxy import records
 from app.proxy.formats import FORMATS
 from app.webhooks import service as webhooks

@@ -5,7 +5,7 @@ library rather than Starlette's SessionMiddleware (which needs itsdangerous and
 would decode a cookie on every API request, the hot path included): the whole
 job is one HMAC and a constant-time compare. It carries the CSRF token, the time
 it was made and, once signed in, the session's token: the session itself is a
-`dashboard_sessions` row (app.accounts), so signing out, a password change or
+`dashboard_sessions` row (app.core.accounts), so signing out, a password change or
 "sign out everywhere" ends it on the server, and a copy of the cookie taken
 before opens nothing. Every visitor gets a cookie, signed in or not, so the
 sign-in form has a CSRF token too; a visitor who is not signed in has no row.
@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app import passwords
+from app.core import passwords
 
 COOKIE = "mediagate_session"
 COOKIE_PATH = "/dashboard"

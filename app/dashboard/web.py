@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from app import params
+from app.core import params
 from app.dashboard import queries, render, sessions
-from app.models import utcnow
+from app.core.models import utcnow
 
 MAX_FORM_BYTES = 64 * 1024
 PAGE_HEADERS = {

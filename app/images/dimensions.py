@@ -20,7 +20,7 @@ def dimensions(size: str, resolution: str) -> tuple[int, int]:
 
 def markdown_table() -> str:
     """The README's table of delivered pixel sizes (`python -m app.images.dimensions` prints it)."""
-    from app.catalog import SIZES, SIZES_4K
+    from app.core.catalog import SIZES, SIZES_4K
 
     lines = ["| size | 1k | 2k | 4k |", "|---|---|---|---|"]
     for size in SIZES[1:]:

@@ -17,8 +17,8 @@ from datetime import timedelta
 
 from sqlalchemy import Connection, select, update
 
-from app import ledger
-from app.models import ImageTask, utcnow
+from app.core import ledger
+from app.core.models import ImageTask, utcnow
 from app.webhooks import service as webhooks
 
 

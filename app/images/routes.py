@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app import ledger, params, urls
-from app.auth import require
-from app.db import run, run_single
-from app.errors import APIError, insufficient_balance, invalid, not_found
+from app.core import ledger, outbound, params
+from app.core.auth import require
+from app.core.db import run, run_single
+from app.core.errors import APIError, insufficient_balance, invalid, not_found
 from app.images import service, validation
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ async def create_generation(request: Request) -> JSONResponse:
     body = await read_json(request)
     parsed, data_uris = validation.parse(body, state.catalog)
     if not state.settings.allow_private_urls:
-        await urls.check_public_urls(validation.outbound_urls(parsed))
+        await outbound.check_public_urls(validation.outbound_urls(parsed))
     if data_uris:
         await run_in_threadpool(validation.verify_data_uris, parsed, data_uris, state.settings.max_reference_bytes)
     replayed = False

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app import ledger, money
-from app.auth import Principal
-from app.errors import APIError
+from app.core import ledger, money
+from app.core.auth import Principal
+from app.core.errors import APIError
 from app.images.validation import GenerationRequest
-from app.models import ImageTask, utcnow
-from app.pagination import decode_cursor, encode_cursor, older_than
+from app.core.models import ImageTask, utcnow
+from app.core.pagination import decode_cursor, encode_cursor, older_than
 
 TERMINAL = ("completed", "failed", "canceled")
 STATUSES = ("pending", "processing", *TERMINAL)

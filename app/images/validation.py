@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from app import params
-from app.catalog import RESOLUTIONS, SIZES, SIZES_4K, Catalog, Model
-from app.errors import APIError, invalid
+from app.core import params
+from app.core.catalog import RESOLUTIONS, SIZES, SIZES_4K, Catalog, Model
+from app.core.errors import APIError, invalid
 
 MAX_PROMPT = 32_000
 MAX_IMAGE_URLS = 16

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qsl
 
-from app import money, params
-from app.auth import Principal, key_from_headers
-from app.catalog import Model
-from app.errors import APIError, insufficient_balance, invalid
-from app.models import time_ordered_id, utcnow
+from app.core import money, params
+from app.core.auth import Principal, key_from_headers
+from app.core.catalog import Model
+from app.core.errors import APIError, insufficient_balance, invalid
+from app.core.models import time_ordered_id, utcnow
 from app.proxy import upstream
 from app.proxy.formats import GEMINI_METHODS, Format, Target, flag
 from app.proxy.pricing import estimate

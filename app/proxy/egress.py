@@ -3,7 +3,7 @@
 The tunnel carries TLS end to end, so the proxy sees the upstream's name and
 nothing else. Which upstreams go through it follows the variables the image
 workers' httpx reads too: HTTPS_PROXY, and NO_PROXY for the hosts reached
-directly (app.settings reads them).
+directly (app.core.settings reads them).
 """
 
 from __future__ import annotations

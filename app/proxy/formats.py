@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from app.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, invalid
+from app.core.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, invalid
 from app.proxy import meters
 from app.proxy.pricing import Usage
 
@@ -157,7 +157,7 @@ def _openai_not_found(name: str, version: str) -> str:
 class Format:
     api: str  # the name the catalog's `api`/`apis` and the usage records use
     label: str  # for people (the dashboard's models page)
-    family: str  # the error shape of the gateway's own errors (app.errors)
+    family: str  # the error shape of the gateway's own errors (app.core.errors)
     provider_format: str  # the provider format that serves it
     paths: tuple[str, ...]  # POST paths served (also under /llm-api), the model in the body
     upstream_path: Callable[[Target], str]  # appended to the provider's base_url

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 
-from app.errors import APIError
+from app.core.errors import APIError
 from app.proxy import upstream
 from app.proxy.calls import Call
 from app.proxy.client import Response, UpstreamError

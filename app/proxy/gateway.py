@@ -8,8 +8,8 @@ second of aiohttp's client, which served several times httpx's.
 
 from __future__ import annotations
 
-from app.catalog import Catalog, CatalogError, Provider
-from app.db import make_engine
+from app.core.catalog import Catalog, CatalogError, Provider
+from app.core.db import make_engine
 from app.proxy.client import Pool
 from app.proxy.egress import proxy_for
 from app.proxy.formats import FORMATS

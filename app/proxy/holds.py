@@ -43,8 +43,8 @@ from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from app import ledger
-from app.models import utcnow
+from app.core import ledger
+from app.core.models import utcnow
 from app.proxy.recorder import Release, UsageRecorder
 
 log = logging.getLogger(__name__)

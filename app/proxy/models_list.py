@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.catalog import Model
+from app.core.catalog import Model
 
 # The catalog has no release dates; a fixed, plainly placeholder time keeps the lists stable.
 EPOCH = 0

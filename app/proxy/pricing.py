@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from app.catalog import Model
+from app.core.catalog import Model
 
 _TOKENS_PER_MTOK = 1_000_000
 # When the upstream's usage never comes, output is estimated from the generated text: at least a

@@ -27,9 +27,9 @@ from typing import Protocol
 
 from sqlalchemy import Connection, delete
 
-from app import ledger
-from app.db import insert_rows, insert_unless_exists
-from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
+from app.core import ledger
+from app.core.db import insert_rows, insert_unless_exists
+from app.core.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 
 log = logging.getLogger(__name__)
 BATCH = 2000

@@ -12,10 +12,10 @@ from datetime import datetime
 
 from sqlalchemy import Connection, select
 
-from app import money, params
-from app.keys import DISPLAY_CHARS
-from app.models import ApiKey, UsageRecord
-from app.pagination import decode_cursor, encode_cursor, older_than
+from app.core import money, params
+from app.core.keys import DISPLAY_CHARS
+from app.core.models import ApiKey, UsageRecord
+from app.core.pagination import decode_cursor, encode_cursor, older_than
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50

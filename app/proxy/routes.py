@@ -14,10 +14,10 @@ from starlette.routing import Route
 
 from collections.abc import Iterable
 
-from app import pagination, params
-from app.auth import require
-from app.db import UNAVAILABLE, is_outage
-from app.errors import API_PREFIX, APIError, server_error, unavailable
+from app.core import pagination, params
+from app.core.auth import require
+from app.core.db import UNAVAILABLE, is_outage
+from app.core.errors import API_PREFIX, APIError, server_error, unavailable
 from app.proxy import calls, models_list, records
 from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
 from app.proxy.forward import ProxyResponse

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from app.catalog import Provider
+from app.core.catalog import Provider
 from app.proxy.formats import PROVIDER_AUTH, Format, Target
 
 # Not forwarded upstream: hop-by-hop headers, the client's credentials, what

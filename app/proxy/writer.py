@@ -157,7 +157,7 @@ def main() -> None:
 
     from sqlalchemy.exc import DataError, IntegrityError
 
-    from app.db import make_engine
+    from app.core.db import make_engine
     from app.proxy.recorder import forget_batches, write
 
     engine = make_engine(os.environ[DATABASE_URL_ENV], pool_size=1)

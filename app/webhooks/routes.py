@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app import params
-from app.auth import require
-from app.db import run
-from app.errors import not_found
+from app.core import params
+from app.core.auth import require
+from app.core.db import run
+from app.core.errors import not_found
 from app.images.routes import wake_webhook
 from app.webhooks import service
 

@@ -24,9 +24,9 @@ from typing import Callable
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, insert, or_, select, update
 
-from app.errors import APIError
+from app.core.errors import APIError
 from app.images import service as images
-from app.models import Account, ImageTask, WebhookAttempt, WebhookDelivery, utcnow
+from app.core.models import Account, ImageTask, WebhookAttempt, WebhookDelivery, utcnow
 from app.webhooks import signing
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"

@@ -26,7 +26,7 @@ class User:
 
 @pytest.fixture
 def make_user(make_account, engine):
-    from app import accounts, passwords
+    from app.core import accounts, passwords
 
     def make(balance: str = "10", admin: bool = False) -> User:
         acc = make_account(balance)
@@ -74,7 +74,7 @@ def signed_in(web, user):
 def add_usage(engine, account_id: int, *, model: str = "gpt-4o", cost: int = 1000, key_id: int | None = None,
               at: datetime | None = None, **fields) -> str:
     """A usage record as the LLM passthrough writes it."""
-    from app.models import UsageRecord
+    from app.core.models import UsageRecord
 
     record_id = "req_" + secrets.token_hex(8)
     values = dict(id=record_id, account_id=account_id, api_key_id=key_id, model=model, api_format="chat",
@@ -90,7 +90,7 @@ def add_usage(engine, account_id: int, *, model: str = "gpt-4o", cost: int = 100
 def add_task(engine, account_id: int, *, model: str = "local-image", charge: int = 1_000_000,
              status: str = "completed", at: datetime | None = None, refunded: bool = False, **fields) -> str:
     """An image task row as the task service writes it (its charge is not debited here)."""
-    from app.models import ImageTask
+    from app.core.models import ImageTask
 
     task_id = "media_" + secrets.token_hex(12)
     now = at or datetime.now(timezone.utc)

@@ -21,9 +21,9 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 from sqlalchemy import select
 
-from app import money
+from app.core import money
 from app.images.dimensions import dimensions
-from app.models import Account, LedgerEntry, UsageRecord
+from app.core.models import Account, LedgerEntry, UsageRecord
 from tests.conftest import CATALOG, LLM_UPSTREAM, ROOT, wait_for_task
 from tests.servers import ThreadedServer
 
@@ -50,7 +50,7 @@ def llm_fake():
 @pytest.fixture(scope="module")
 def live(settings, database, llm_fake, tmp_path_factory):
     """create_app() served by uvicorn on loopback, its LLM models pointed at this module's fake upstream."""
-    from app.main import create_app
+    from app.http.app import create_app
 
     catalog = tmp_path_factory.mktemp("dashboard") / "catalog.toml"
     catalog.write_text(CATALOG.replace(LLM_UPSTREAM, llm_fake.url))

@@ -9,8 +9,9 @@ import secrets
 import pytest
 from sqlalchemy import select
 
-from app import cli, passwords
-from app.models import Account
+from app import cli
+from app.core import passwords
+from app.core.models import Account
 
 
 def _account(engine, email: str):

@@ -6,8 +6,8 @@ import re
 
 from sqlalchemy import select
 
-from app import money
-from app.models import Account, ApiKey, LedgerEntry, WebhookAttempt, WebhookDelivery
+from app.core import money
+from app.core.models import Account, ApiKey, LedgerEntry, WebhookAttempt, WebhookDelivery
 from tests.dashboard.conftest import PASSWORD, add_task, csrf_of, sign_in
 
 
@@ -96,7 +96,7 @@ def test_sign_out_needs_the_token_and_ends_the_session(web, signed_in):
 
 
 def test_a_password_change_ends_old_sessions(web, signed_in, engine):
-    from app import accounts, passwords
+    from app.core import accounts, passwords
 
     assert web.get("/dashboard/", follow_redirects=False).status_code == 200
     with engine.begin() as conn:

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import func, insert, select
 from starlette.testclient import TestClient
 
-from app import accounts, cli
+from app.core import accounts
+from app import cli
 from app.dashboard import sessions
-from app.models import DashboardSession, utcnow
+from app.core.models import DashboardSession, utcnow
 from tests.dashboard.conftest import User, csrf_of, sign_in
 
 
@@ -195,7 +196,7 @@ def test_the_known_browser_mark_is_signed(web, user, make_user, limiter):
 
 def test_the_known_browser_mark_is_worth_nothing_after_a_password_change(web, user, limiter, engine):
     # Whoever once signed in (before a reset, say) must not keep guessing past the per-account limit.
-    from app import accounts, passwords
+    from app.core import accounts, passwords
 
     with browser(web, "10.0.4.9") as former:
         assert sign_in(former, user).status_code == 303

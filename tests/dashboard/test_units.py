@@ -7,7 +7,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from app import money, passwords
+from app.core import money, passwords
 from app.dashboard import charts, pricing, sessions
 
 
@@ -60,7 +60,7 @@ def test_csrf_compare():
 
 
 def test_secret_key_is_made_once_and_kept(tmp_path):
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     settings = Settings.from_env({"MEDIAGATE_DATA_DIR": str(tmp_path)})
     first = sessions.secret_key(settings)

@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
-from app import keys, money
+from app.core import keys, money
 from app.dashboard import export, queries
 from app.proxy import records
-from app.models import ApiKey, UsageRecord
+from app.core.models import ApiKey, UsageRecord
 from tests.dashboard.conftest import add_task, add_usage
 
 NOW = datetime.now(timezone.utc)
@@ -109,7 +109,7 @@ def test_csv_export_rows_are_exact(web, signed_in, engine):
 def test_csv_streams_in_pages(web, signed_in, engine, settings):
     import asyncio
 
-    from app.db import make_async_engine
+    from app.core.db import make_async_engine
 
     rows = [dict(id=f"req_bulk{i:06d}{secrets.token_hex(3)}", account_id=signed_in.id, model="gpt-4o-mini",
                  api_format="chat", stream=False, input_tokens=i, output_tokens=1, cached_tokens=0,

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import func, select, update
 
-from app import ledger
-from app.models import ImageTask, LedgerEntry
+from app.core import ledger
+from app.core.models import ImageTask, LedgerEntry
 from tests.conftest import wait_for_task
 from tests.taskrows import parked_task
 
@@ -134,7 +134,7 @@ def test_waiting_requests_do_not_block_the_server(worker, make_account):
 
     import httpx
 
-    from app.main import create_app
+    from app.http.app import create_app
     from tests.servers import ThreadedServer
 
     account = make_account()

@@ -10,14 +10,14 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from app import ledger
-from app.models import ImageTask
+from app.core import ledger
+from app.core.models import ImageTask
 from tests.servers import ThreadedServer
 
 
 @pytest.fixture(scope="module")
 def gateway(database):
-    from app.main import create_app
+    from app.http.app import create_app
 
     with ThreadedServer(create_app(), limit_concurrency=1000, backlog=2048) as server:
         yield server.url

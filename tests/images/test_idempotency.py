@@ -10,8 +10,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from app import ledger
-from app.models import ImageTask, LedgerEntry, utcnow
+from app.core import ledger
+from app.core.models import ImageTask, LedgerEntry, utcnow
 from tests.servers import ThreadedServer
 
 BODY = {"model": "gpt-image-2", "prompt": "a quiet harbour [status:400]"}  # should a worker run it: fail, refund
@@ -119,7 +119,7 @@ def test_a_rejected_request_does_not_use_up_its_key(client, make_account):
 
 @pytest.fixture(scope="module")
 def gateway(database):
-    from app.main import create_app
+    from app.http.app import create_app
 
     with ThreadedServer(create_app(), limit_concurrency=500) as server:
         yield server.url
@@ -160,11 +160,11 @@ def test_the_loser_of_an_insert_race_answers_with_the_winners_task(engine, make_
     the write lock on SQLite) and, once it commits, replays its answer with no charge of its own."""
     import threading
 
-    from app.auth import Principal
-    from app.catalog import load
+    from app.core.auth import Principal
+    from app.core.catalog import load
     from app.images import service
     from app.images.validation import parse
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     settings = get_settings()
     request, _ = parse(BODY, load(settings.catalog_path, settings.env))

@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from app import keys
-from app.models import ImageTask, LedgerEntry
+from app.core import keys
+from app.core.models import ImageTask, LedgerEntry
 
 
 def submit(client, account, **body):
@@ -101,7 +101,7 @@ def test_revoked_key_stops_working_within_the_cache_time(client, engine, account
 
 def test_keys_are_long_random_and_stored_hashed(engine, account):
     assert re.fullmatch(r"llm_[A-Za-z0-9_-]{32,}", account.key)
-    from app.models import ApiKey
+    from app.core.models import ApiKey
 
     with engine.connect() as conn:
         row = conn.execute(select(ApiKey).where(ApiKey.account_id == account.id)).mappings().one()

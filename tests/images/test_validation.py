@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.models import ImageTask
+from app.core.models import ImageTask
 
 
 def data_uri(fmt: str = "PNG", size=(8, 8), mime: str | None = None) -> str:

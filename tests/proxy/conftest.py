@@ -7,7 +7,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from app.models import Account, LedgerEntry, UsageRecord
+from app.core.models import Account, LedgerEntry, UsageRecord
 from tests.servers import ThreadedServer
 
 
@@ -37,7 +37,7 @@ def _close_sdk_clients(monkeypatch):
 @pytest.fixture(scope="session")
 def gateway(database, llm_upstream):
     """The app served by uvicorn on loopback, as SDKs and agents reach it."""
-    from app.main import create_app
+    from app.http.app import create_app
     from app.proxy import holds
 
     holds.IDLE_SECONDS = 0.3  # idle hold pools go back quickly, so tests see `held` return to zero soon

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from app import money
+from app.core import money
 from tests.proxy.conftest import money_state, usage_rows
 
 

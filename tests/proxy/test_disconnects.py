@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from app import money
+from app.core import money
 from app.proxy.pricing import BYTES_PER_TOKEN
 from tests.fakes.llm import TEXT
 from tests.proxy.conftest import money_state, usage_rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.proxy.egress import EgressProxy, proxy_for
-from app.settings import Settings
+from app.core.settings import Settings
 
 
 def test_the_egress_proxy_is_for_https_upstreams_not_named_in_no_proxy():
@@ -26,7 +26,7 @@ def test_the_egress_proxy_is_for_https_upstreams_not_named_in_no_proxy():
 
 
 def test_each_providers_pool_gets_the_proxy_its_url_calls_for():
-    from app import catalog
+    from app.core import catalog
     from app.proxy.gateway import make_pools
 
     offered = catalog.parse("""

@@ -9,8 +9,8 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from app.catalog import CatalogError, parse
-from app.errors import OPENAI
+from app.core.catalog import CatalogError, parse
+from app.core.errors import OPENAI
 from app.proxy import formats, meters
 from app.proxy.pricing import Usage
 from tests.proxy.conftest import usage_rows
@@ -65,7 +65,7 @@ async def toy_upstream(scope, receive, send) -> None:
 
 
 def test_a_fifth_format_is_one_table_entry_and_its_meter(settings, tmp_path, monkeypatch, make_account, engine):
-    from app.main import create_app
+    from app.http.app import create_app
 
     monkeypatch.setitem(formats.FORMATS, TOY.api, TOY)
     with ThreadedServer(toy_upstream) as upstream:
@@ -107,7 +107,7 @@ output_per_mtok = "2"
 
 
 def test_a_model_offered_on_two_formats(settings, tmp_path, make_account, engine, llm_upstream):
-    from app.main import create_app
+    from app.http.app import create_app
     from tests.conftest import LLM_UPSTREAM
 
     catalog = tmp_path / "catalog.toml"

@@ -12,8 +12,8 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import select
 
-from app import ledger
-from app.models import LedgerEntry, LLMHold, utcnow
+from app.core import ledger
+from app.core.models import LedgerEntry, LLMHold, utcnow
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import Release, UsageRecorder
 from app.proxy.writer import ProcessWriter
@@ -159,7 +159,7 @@ def test_one_process_s_block_leaves_most_of_a_balance_to_the_others(make_account
 
 
 def test_stopping_the_gateway_writes_queued_usage_and_returns_holds(database, llm_upstream, make_account, engine):
-    from app.main import create_app
+    from app.http.app import create_app
 
     account = make_account()
     with ThreadedServer(create_app(), log_level="critical") as server:

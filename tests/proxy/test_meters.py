@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from app import money
-from app.catalog import Model, Provider
+from app.core import money
+from app.core.catalog import Model, Provider
 from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, read_answer, stream_meter
 from app.proxy.meters import ChatStripMeter
 from app.proxy.pricing import Usage, cost, estimate, estimated

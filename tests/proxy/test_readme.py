@@ -18,7 +18,7 @@ import anthropic
 import openai
 import yaml
 
-from app import money
+from app.core import money
 from tests.fakes.llm import TEXT
 from tests.proxy.conftest import money_state, usage_rows
 

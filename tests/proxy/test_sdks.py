@@ -13,7 +13,7 @@ import openai
 from google import genai
 from google.genai import types
 
-from app import money
+from app.core import money
 from tests.fakes.llm import TEXT
 from tests.proxy.conftest import money_state, usage_rows
 

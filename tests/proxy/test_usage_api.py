@@ -10,8 +10,8 @@ import httpx
 import pytest
 from sqlalchemy import insert
 
-from app import keys
-from app.models import UsageRecord
+from app.core import keys
+from app.core.models import UsageRecord
 from app.proxy.records import COLUMNS
 from tests.proxy.conftest import usage_rows
 

@@ -13,8 +13,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from app import money
-from app.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
+from app.core import money
+from app.core.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
 from app.proxy.recorder import Entry, Release, UsageRecorder, WriteFailed, forget_batches, write
 from app.proxy.writer import ProcessWriter
 from tests.proxy.conftest import money_state, url_of
@@ -32,7 +32,7 @@ def entry(account_id: int, cost: int = 1_000) -> Entry:
 
 
 def hold(engine, account_id: int, amount: int) -> None:
-    from app import ledger
+    from app.core import ledger
 
     with engine.begin() as conn:
         assert ledger.hold(conn, account_id, amount, owner=OWNER, expires_at=utcnow() + timedelta(minutes=5))
@@ -292,9 +292,9 @@ def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_acc
 
     from dataclasses import replace
 
-    from app.main import create_app
-    from app.models import ApiKey
-    from app.settings import get_settings
+    from app.http.app import create_app
+    from app.core.models import ApiKey
+    from app.core.settings import get_settings
     from tests.proxy.conftest import usage_rows
 
     account = make_account()

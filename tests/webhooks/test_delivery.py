@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from app.models import Account, WebhookAttempt, WebhookDelivery
+from app.core.models import Account, WebhookAttempt, WebhookDelivery
 from tests.conftest import wait_for_task
 
 

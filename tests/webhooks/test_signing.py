@@ -59,7 +59,7 @@ def test_retry_delays_follow_the_schedule_with_jitter():
 
 
 def test_default_schedule_is_the_documented_one():
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     assert Settings.from_env({}).webhook_schedule == (5, 300, 1800, 7200, 18000, 36000, 36000)
     assert Settings.from_env({}).webhook_timeout == 15

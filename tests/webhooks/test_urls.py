@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from app import urls
+from app.core import outbound
 from tests.servers import ThreadedServer
 
 BLOCKED = ["127.0.0.1", "127.8.9.10", "10.0.0.1", "172.16.5.4", "192.168.0.1", "169.254.169.254", "100.64.0.1",
@@ -27,12 +27,12 @@ PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2001:4860:4860::8888", "::ffff
 
 @pytest.mark.parametrize("address", BLOCKED)
 def test_non_public_addresses_are_refused(address):
-    assert not urls.is_public(address)
+    assert not outbound.is_public(address)
 
 
 @pytest.mark.parametrize("address", PUBLIC)
 def test_public_addresses_are_allowed(address):
-    assert urls.is_public(address)
+    assert outbound.is_public(address)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def strict_client(database):
     """The gateway as deployed: private addresses not allowed."""
     from starlette.testclient import TestClient
 
-    from app.main import create_app
-    from app.settings import Settings
+    from app.http.app import create_app
+    from app.core.settings import Settings
 
     settings = Settings.from_env({**os.environ, "MEDIAGATE_ALLOW_PRIVATE_URLS": "0"})
     with TestClient(create_app(settings)) as client:
@@ -97,11 +97,11 @@ def loopback():
 
 
 def test_guarded_client_refuses_loopback_on_connect(loopback):
-    with urls.outbound_client(False, timeout=5) as http:
+    with outbound.outbound_client(False, timeout=5) as http:
         for host in ("127.0.0.1", "localhost"):
             with pytest.raises(httpx.ConnectError) as caught:
                 http.get(f"http://{host}:{loopback.port}/img.png")
-            assert isinstance(caught.value.__cause__, urls.BlockedAddress)
+            assert isinstance(caught.value.__cause__, outbound.BlockedAddress)
 
 
 @pytest.fixture
@@ -118,13 +118,13 @@ def fake_dns(monkeypatch):
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(urls, "is_public", lambda ip: str(ip) == "127.0.0.1")
+    monkeypatch.setattr(outbound, "is_public", lambda ip: str(ip) == "127.0.0.1")
     return names
 
 
 def test_connects_to_the_address_it_checked(loopback, fake_dns):
     fake_dns["images.example"] = ["127.0.0.1"]
-    with urls.outbound_client(False, timeout=5) as http:
+    with outbound.outbound_client(False, timeout=5) as http:
         r = http.get(f"http://images.example:{loopback.port}/img.png")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
 
@@ -134,11 +134,11 @@ def test_dns_rebinding_is_caught_on_connect(loopback, fake_dns):
     import asyncio
 
     fake_dns["rebind.example"] = ["127.0.0.1", "127.0.0.2"]
-    asyncio.run(urls.check_public_url(f"http://rebind.example:{loopback.port}/img.png", "webhook_url"))
-    with urls.outbound_client(False, timeout=5) as http:
+    asyncio.run(outbound.check_public_url(f"http://rebind.example:{loopback.port}/img.png", "webhook_url"))
+    with outbound.outbound_client(False, timeout=5) as http:
         with pytest.raises(httpx.ConnectError) as caught:
             http.get(f"http://rebind.example:{loopback.port}/img.png")
-    assert isinstance(caught.value.__cause__, urls.BlockedAddress)
+    assert isinstance(caught.value.__cause__, outbound.BlockedAddress)
 
 
 def test_reference_download_rechecks_redirects(loopback, fake_dns):
@@ -148,7 +148,7 @@ def test_reference_download_rechecks_redirects(loopback, fake_dns):
     fake_dns["cdn.example"] = ["127.0.0.1"]
     fake_dns["internal.example"] = ["127.0.0.2"]
     base = f"http://cdn.example:{loopback.port}"
-    with urls.outbound_client(False, timeout=5) as http:
+    with outbound.outbound_client(False, timeout=5) as http:
         [ref] = references.resolve([f"{base}/img.png"], http, 1024 * 1024)
         assert ref.mime_type == "image/png"
         [ref] = references.resolve([f"{base}/redirect?to={base}/img.png"], http, 1024 * 1024)
@@ -166,8 +166,8 @@ def test_reference_download_rechecks_redirects(loopback, fake_dns):
 def test_webhook_to_a_private_address_is_refused_by_the_worker(engine, account, loopback):
     """The worker's own check: a delivery row pointing at loopback is never connected to."""
     from app.images import lifecycle
-    from app.models import WebhookDelivery
-    from app.settings import Settings
+    from app.core.models import WebhookDelivery
+    from app.core.settings import Settings
     from app.webhooks import service
     from sqlalchemy import select, update
     from tests.taskrows import parked_task

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from app.models import LedgerEntry
+from app.core.models import LedgerEntry
 from tests.conftest import wait_for_task
 from tests.images.test_validation import data_uri
 

@@ -6,11 +6,12 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from app import dispatch, ledger
-from app.auth import Principal
+from app.images import outbox
+from app.core import ledger
+from app.core.auth import Principal
 from app.images import lifecycle, service
 from app.images.validation import parse
-from app.models import ImageTask, LedgerEntry, utcnow
+from app.core.models import ImageTask, LedgerEntry, utcnow
 
 
 def _task(engine, app, account, dispatched_ago: float) -> str:
@@ -55,9 +56,9 @@ def test_expired_lease_requeues_then_fails_and_refunds_once(engine, app, account
 def test_a_lost_wake_up_is_dispatched_again_after_the_stale_time(engine, app, account):
     task_id = _task(engine, app, account, dispatched_ago=120)
     published: list[str] = []
-    dispatch.dispatch(engine, published.extend, stale_after=300)
+    outbox.dispatch(engine, published.extend, stale_after=300)
     assert task_id not in published  # dispatched 2 minutes ago: not stale yet
-    dispatch.dispatch(engine, published.extend, stale_after=60)
+    outbox.dispatch(engine, published.extend, stale_after=60)
     assert task_id in published
     with engine.connect() as conn:
         again = conn.execute(select(ImageTask.dispatched_at).where(ImageTask.id == task_id)).scalar_one()
@@ -73,7 +74,7 @@ def test_a_failed_publish_leaves_the_task_to_be_dispatched_again(engine, app, ac
         raise ConnectionError("broker away")
 
     try:
-        dispatch.dispatch(engine, broker_down, stale_after=60)
+        outbox.dispatch(engine, broker_down, stale_after=60)
         raise AssertionError("the publish error must propagate")
     except ConnectionError:
         pass

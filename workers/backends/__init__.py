@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from app.catalog import Provider
+from app.core.catalog import Provider
 from workers.backends.base import ImageBackend
 
 

@@ -10,7 +10,7 @@ import binascii
 
 import httpx
 
-from app.catalog import Provider
+from app.core.catalog import Provider
 from workers.backends.base import ImageJob, PermanentError, http_error, status_error
 
 

@@ -19,12 +19,12 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from app.settings import async_database_url
+from app.core.settings import async_database_url
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 # The exception classes a database that is down, unreachable or out of connections raises
-# (app.main's handlers); `is_outage` tells an outage from the rest of those classes.
+# (app.http.app's handlers); `is_outage` tells an outage from the rest of those classes.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     exc.OperationalError, exc.InterfaceError, exc.TimeoutError, psycopg.OperationalError,
     psycopg.InterfaceError, psycopg_pool.PoolTimeout,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, update
 
-from app.models import ApiKey, utcnow
+from app.core.models import ApiKey, utcnow
 
 PREFIX = "llm_"
 DISPLAY_CHARS = 12  # "llm_" and 8 more: enough to tell keys apart, useless to an attacker

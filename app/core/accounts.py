@@ -1,4 +1,4 @@
-"""Accounts: create, find, show, passwords and dashboard sessions. Balances change only through app.ledger.
+"""Accounts: create, find, show, passwords and dashboard sessions. Balances change only through app.core.ledger.
 
 Dashboard sessions live here, not in app.dashboard, because setting a password must end
 them in the same transaction, and the periodic sweep (workers) cleans them up.
@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
 
-from app import ledger, money
-from app.models import Account, ApiKey, DashboardSession, utcnow
+from app.core import ledger, money
+from app.core.models import Account, ApiKey, DashboardSession, utcnow
 
 
 class AccountError(Exception):
@@ -65,7 +65,7 @@ def show(conn: Connection, account_id: int) -> dict:
 
 
 def set_password_hash(conn: Connection, account_id: int, password_hash: str) -> None:
-    """Store a hash made by app.passwords; every dashboard session of the account ends with it."""
+    """Store a hash made by app.core.passwords; every dashboard session of the account ends with it."""
     conn.execute(update(Account).where(Account.id == account_id).values(password_hash=password_hash))
     end_sessions(conn, account_id)
 

@@ -15,16 +15,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app import account_routes, auth, catalog, health, storage
+from app.http import account, health
+from app.core import auth, catalog
+from app import storage
 from app.dashboard import routes as dashboard_routes
-from app.db import UNAVAILABLE, OutageLog, is_outage, make_async_engine, make_engine, open_psycopg_pool, run
-from app.dispatch import Relay
-from app.errors import API_PREFIX, APIError, family_for, invalid, server_error, unavailable
+from app.core.db import UNAVAILABLE, OutageLog, is_outage, make_async_engine, make_engine, open_psycopg_pool, run
+from app.images.outbox import Relay
+from app.core.errors import API_PREFIX, APIError, family_for, invalid, server_error, unavailable
 from app.images import routes as image_routes
 from app.proxy import routes as proxy_routes
 from app.proxy.formats import FORMATS
 from app.proxy.gateway import LLMGateway
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
 from app.webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ GC_THRESHOLD = 20_000
 def api_routes(passthrough: proxy_routes.Router) -> list:
     # The LLM passthrough first: it is the busiest path, and none of the others' paths overlap it.
     return [*passthrough.routes(), *proxy_routes.routes, *image_routes.routes, *webhook_routes.routes,
-            *account_routes.routes]
+            *account.routes]
 
 
 async def _flush_key_use(app: Starlette) -> None:

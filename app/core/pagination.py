@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import ColumnElement, and_, or_
 
-from app.errors import invalid
-from app.params import is_id
+from app.core.errors import invalid
+from app.core.params import is_id
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:

@@ -1,7 +1,7 @@
 """Providers and models, from a TOML file validated at startup.
 
 `MEDIAGATE_CATALOG` names the file; without it the built-in catalog
-(app/catalog_builtin.toml) offers the `local` image model and every real
+(app/core/catalog_builtin.toml) offers the `local` image model and every real
 provider whose key variable is set. Prices are parsed as decimals, never floats.
 """
 
@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Mapping
 
-from app import money
+from app.core import money
 
 SIZES = ("auto", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "2:1", "1:2", "21:9", "9:21")
 RESOLUTIONS = ("1k", "2k", "4k")

@@ -1,5 +1,4 @@
-"""Where generated images live. The local directory is the default (and so far only) backend;
-the app serves it at /files/..., and URLs are built from the public base URL."""
+"""Outputs on the local disk: a folder the app serves at /files/... (the default backend)."""
 
 from __future__ import annotations
 
@@ -7,14 +6,6 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
-
-
-class Storage(Protocol):
-    def save(self, key: str, data: bytes) -> str:
-        """Store `data` under `key` ("media_x/0.png"); returns its public URL."""
-
-    def read(self, key: str) -> bytes: ...
 
 
 class LocalStorage:
@@ -49,8 +40,3 @@ class LocalStorage:
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
-
-
-def from_settings(settings) -> LocalStorage:
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
-    return LocalStorage(settings.files_dir, settings.public_url)

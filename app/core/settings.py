@@ -65,7 +65,7 @@ class Settings:
     # workers' httpx reads too: HTTPS_PROXY, and NO_PROXY for the hosts reached directly.
     https_proxy: str | None = field(default=None, repr=False)  # may hold a password
     no_proxy: str = ""
-    # Slow and idle clients (app/serving.py): seconds a client has to send a request's whole
+    # Slow and idle clients (app/http/serving.py): seconds a client has to send a request's whole
     # header block, from its first byte (or from connecting), and seconds a request body may go
     # without a byte while the server reads it.
     header_timeout: float = 10.0

@@ -17,7 +17,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import orjson
 
-from app.errors import APIError, invalid
+from app.core.errors import APIError, invalid
 
 # The largest id of an Integer column (32-bit on PostgreSQL), and of a BigInteger one.
 INT32_MAX = 2**31 - 1

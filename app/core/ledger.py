@@ -26,8 +26,8 @@ from sqlalchemy import JSON, Connection, Table, bindparam, delete, func, insert,
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
-from app.db import insert_unless_exists
-from app.models import Account, LedgerEntry, LLMHold, Timestamp, utcnow
+from app.core.db import insert_unless_exists
+from app.core.models import Account, LedgerEntry, LLMHold, Timestamp, utcnow
 
 TOPUP, CHARGE, REFUND, USAGE = "topup", "charge", "refund", "usage"
 

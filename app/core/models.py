@@ -1,4 +1,4 @@
-"""SQLAlchemy models. Money columns are integers in nano-dollars (see app.money).
+"""SQLAlchemy models. Money columns are integers in nano-dollars (see app.core.money).
 
 The schema is made only by Alembic (alembic/versions); tests check that these
 models and the migrations agree.
@@ -104,7 +104,7 @@ class Account(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
-    # Always equals the sum of this account's ledger entries; changed only by app.ledger.
+    # Always equals the sum of this account's ledger entries; changed only by app.core.ledger.
     balance: Mapped[int] = mapped_column(Money, default=0)
     # Reserved by LLM requests in flight (not spent): balance - held is what a new request may use.
     held: Mapped[int] = mapped_column(Money, default=0)
@@ -256,7 +256,7 @@ class UsageRecord(Base):
 class LLMHold(Base):
     """Balance one web process holds for an account's LLM calls in flight, under a lease.
 
-    `accounts.held` is always the sum of these rows' amounts (app.ledger changes both in
+    `accounts.held` is always the sum of these rows' amounts (app.core.ledger changes both in
     one transaction). The process renews `expires_at` while it runs; a row left to expire
     belonged to a process that died, and the periodic sweep gives its amount back.
     """

@@ -16,9 +16,9 @@ from sqlalchemy import Connection, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
-from app import keys
-from app.errors import APIError, unauthorized
-from app.models import ApiKey, utcnow
+from app.core import keys
+from app.core.errors import APIError, unauthorized
+from app.core.models import ApiKey, utcnow
 
 
 @dataclass(frozen=True)

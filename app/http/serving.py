@@ -41,8 +41,8 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.errors import APIError
-from app.settings import Settings
+from app.core.errors import APIError
+from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app import ledger, money
-from app.auth import require
+from app.core import ledger, money
+from app.core.auth import require
 
 
 async def get_balance(request: Request) -> JSONResponse:

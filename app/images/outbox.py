@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from sqlalchemy import Connection, Engine, or_, select, update
 
-from app.models import ImageTask, utcnow
+from app.core.models import ImageTask, utcnow
 
 log = logging.getLogger(__name__)
 Publish = Callable[[list[str]], None]
