@@ -21,9 +21,12 @@ chromium:
 serve: install
 	$(VENV)/bin/mediagate serve
 
-# The whole suite. With MEDIAGATE_TEST_DATABASE_URL and MEDIAGATE_TEST_REDIS_URL set it runs
+# Lint (ruff), types (mypy, its files in pyproject.toml) and the whole suite, the import-layer check
+# included (tests/test_imports.py). With MEDIAGATE_TEST_DATABASE_URL and MEDIAGATE_TEST_REDIS_URL set it runs
 # against that PostgreSQL and Redis (as .ci/run does); without, on SQLite and the embedded broker.
 test: install chromium
+	$(VENV)/bin/ruff check app workers tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 # The suite against the local PostgreSQL and Redis, as CI runs it.

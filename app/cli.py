@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+from sqlalchemy import Engine
+
 from app.core import accounts, keys, ledger, money
 from app.core.settings import get_settings
 
@@ -16,13 +18,13 @@ DEV_EMAIL = "dev@localhost"
 DEV_BALANCE = "10"
 
 
-def _engine():
+def _engine() -> Engine:
     from app.core.db import make_engine
 
     return make_engine(get_settings().database_url, pool_size=1)
 
 
-def cmd_migrate(args) -> None:
+def cmd_migrate(args: argparse.Namespace) -> None:
     from app.core.migrations import upgrade
 
     settings = get_settings()
@@ -98,7 +100,7 @@ def cmd_beat(args: argparse.Namespace) -> None:
                               "--loglevel", "INFO", *args.celery_args])
 
 
-def cmd_accounts(args) -> None:
+def cmd_accounts(args: argparse.Namespace) -> None:
     engine = _engine()
     try:
         # Ask before the transaction opens: on SQLite it holds the write lock while open.
@@ -114,6 +116,7 @@ def cmd_accounts(args) -> None:
                 print(json.dumps(accounts.show(conn, account_id), indent=2))
             elif args.action == "set-password":
                 account_id = accounts.find(conn, args.email)
+                assert password_hash is not None  # prompted for above
                 accounts.set_password_hash(conn, account_id, password_hash)
                 print(f"password set for {args.email}", file=sys.stderr)
             elif args.action == "set-admin":
@@ -151,7 +154,7 @@ def _password_prompt(email: str) -> str:
     return passwords.hash_password(first)
 
 
-def cmd_keys(args) -> None:
+def cmd_keys(args: argparse.Namespace) -> None:
     engine = _engine()
     try:
         with engine.begin() as conn:

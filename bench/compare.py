@@ -44,7 +44,8 @@ def main() -> None:
     up_port = free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     (tmp / "catalog.toml").write_text(CATALOG.format(upstream=upstream))
-    env = {**os.environ, "BENCH_CHUNKS": "20", "BENCH_UPSTREAM": upstream, "MEDIAGATE_CATALOG": str(tmp / "catalog.toml")}
+    env = {**os.environ, "BENCH_CHUNKS": "20", "BENCH_UPSTREAM": upstream,
+           "MEDIAGATE_CATALOG": str(tmp / "catalog.toml")}
     for name in ("MEDIAGATE_BROKER_URL", "MEDIAGATE_DATABASE_URL"):
         env.pop(name, None)
     procs = [serve("bench.llm_apps:upstream_starlette", up_port, env, factory=True)]
@@ -76,7 +77,7 @@ def main() -> None:
     print(f"\n{'streaming' if args.stream else 'non-streaming'}, concurrency {args.concurrency}, "
           f"{args.seconds:g} s per run, medians of {args.rounds} rounds")
     for name, done in runs.items():
-        ratios = [run["rps"] / direct["rps"] for run, direct in zip(done, runs["direct"])]
+        ratios = [run["rps"] / direct["rps"] for run, direct in zip(done, runs["direct"], strict=True)]
         print(f"{name:<12} {statistics.median(r['rps'] for r in done):>8.0f} req/s  ratio "
               f"{statistics.median(ratios):.3f} (rounds: {', '.join(f'{r:.3f}' for r in ratios)})  "
               f"{statistics.median(r['cpu_us'] for r in done):.0f} us CPU/req")

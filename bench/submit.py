@@ -41,7 +41,8 @@ END;
 """
 WRK_LUA = """
 local keys = {%s}
-local body = '{"model": "local-image", "prompt": "A futuristic cityscape at sunset", "size": "16:9", "resolution": "1k"}'
+local body = '{"model": "local-image", "prompt": "A futuristic cityscape at sunset", '
+  .. '"size": "16:9", "resolution": "1k"}'
 request = function()
   local key = keys[math.random(#keys)]
   return wrk.format("POST", nil, {["Authorization"] = "Bearer " .. key, ["Content-Type"] = "application/json"}, body)

@@ -328,7 +328,7 @@ class Worker:
         self.env = env  # overrides of this process's environment (tests/test_chaos.py)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         self.log = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
         argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO",

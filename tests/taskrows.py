@@ -13,10 +13,10 @@ from sqlalchemy import update
 
 from app.core.auth import Principal
 from app.core.catalog import load
-from app.images import service
-from app.images.validation import GenerationRequest
 from app.core.models import ImageTask, utcnow
 from app.core.settings import get_settings
+from app.images import service
+from app.images.validation import GenerationRequest
 
 
 def parked_task(engine, account, *, webhook_url: str | None = None, model: str = "local-image",

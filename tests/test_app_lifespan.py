@@ -8,7 +8,8 @@ from starlette.testclient import TestClient
 
 
 def test_gc_tuning_lasts_as_long_as_the_app(database):
-    from app.http.app import GC_THRESHOLD, create_app
+    from app.http.app import create_app
+    from app.http.lifespan import GC_THRESHOLD
 
     before = gc.get_threshold()
     with TestClient(create_app()):

@@ -130,9 +130,9 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
 
     from app.core import accounts, keys, ledger, money
     from app.core.db import make_engine
-    from app.http.app import create_app
     from app.core.models import ImageTask, LedgerEntry, WebhookDelivery
     from app.core.settings import Settings
+    from app.http.app import create_app
 
     rng = random.Random(SEED)
     print(f"chaos seed {SEED} (MEDIAGATE_CHAOS_SEED={SEED} replays the workload)")

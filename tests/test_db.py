@@ -1,7 +1,7 @@
 """app.core.db helpers against the run's database (SQLite, or PostgreSQL in CI)."""
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from sqlalchemy import insert, select
 
@@ -11,7 +11,7 @@ from app.core.models import UsageRecord
 
 
 def _rows(account_id: int, prefix: str) -> list[dict]:
-    start = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    start = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
     return [dict(id=f"{prefix}{i}", account_id=account_id, api_key_id=None, model="m'odel \"q\"", api_format="chat",
                  stream=i % 2 == 0, input_tokens=i, output_tokens=2**31 - 1 - i, cached_tokens=0, reasoning_tokens=0,
                  usage_reported=i != 3, cost=10**15 + i, upstream_status=None if i == 4 else 200,
@@ -38,7 +38,7 @@ def test_insert_rows_writes_what_a_core_insert_writes(engine):
     with engine.connect() as conn:
         fast, core = _read(conn, f"fast-{tag}-"), _read(conn, f"core-{tag}-")
     assert len(fast) == 5 and fast == core
-    assert fast[2][-1] == datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+    assert fast[2][-1] == datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 
 
 def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
@@ -51,10 +51,10 @@ def test_timestamps_on_sqlite_are_stored_as_sqlalchemy_stores_them():
 
     dialect = sqlite.dialect()
     ours, theirs = UTCDateTime().bind_processor(dialect), DATETIME().bind_processor(dialect)
-    for value in (datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone.utc),
+    for value in (datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC),
                   datetime(2026, 3, 1, 12, 30, 15, tzinfo=timezone(timedelta(hours=5, minutes=30))),  # no microseconds
                   datetime(2026, 12, 31, 23, 59, 59, 999999),  # naive: UTC
-                  datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)):
+                  datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC)):
         assert ours(value) == theirs(UTCDateTime().process_bind_param(value, dialect))
     assert ours(datetime(2026, 3, 1, 7, 30, tzinfo=timezone(timedelta(hours=-5)))) == "2026-03-01 12:30:00.000000"
     assert ours(None) is None

@@ -57,7 +57,7 @@ class Relay:
     def restore(self) -> None:
         self.loop.call_soon_threadsafe(setattr, self, "up", True)
 
-    def __enter__(self) -> "Relay":
+    def __enter__(self) -> Relay:
         self.thread.start()
         self.ready.wait(5)
         return self
@@ -128,7 +128,8 @@ def _raw_get(sock: socket.socket, path: str, key: str) -> bytes:
             return data
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import httpx
 from sqlalchemy import Engine
 
+from app import storage as storage_module
 from app.core import catalog as catalog_module
 from app.core import outbound
-from app import storage as storage_module
 from app.core.catalog import Catalog, Provider
 from app.core.db import make_engine
 from app.core.settings import Settings, get_settings
@@ -38,7 +38,7 @@ class WorkerContext:
             return self._backends[provider.name]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "WorkerContext":
+    def from_settings(cls, settings: Settings) -> WorkerContext:
         return cls(
             settings=settings,
             engine=make_engine(settings.database_url, pool_size=settings.db_pool_size),

@@ -7,18 +7,12 @@ the sweep sends another: the row is the source of truth.
 
 from __future__ import annotations
 
-import logging
-
-from app.webhooks import service
-
-log = logging.getLogger(__name__)
+from app.webhooks.wake import deliver_soon
+from workers.context import WorkerContext
 
 
-def task_ended(ctx, task_id: str) -> None:
+def task_ended(ctx: WorkerContext, task_id: str) -> None:
     """Called once, by the winner of a task's terminal transition, after it committed."""
-    from workers.celery_app import DELIVER, celery, publisher
+    from workers.celery_app import DELIVER, celery, publisher  # the app that runs this worker's tasks
 
-    try:
-        service.dispatch(ctx.engine, publisher(celery, DELIVER), task_id=task_id)
-    except Exception:
-        log.exception("could not wake a worker for the webhook of %s; the sweep will", task_id)
+    deliver_soon(ctx.engine, publisher(celery, DELIVER), task_id)

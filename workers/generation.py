@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from app.images import lifecycle
 from app.images.dimensions import dimensions
@@ -17,6 +19,7 @@ from workers.backends.base import BackendError, ImageJob, PermanentError
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def run(ctx: WorkerContext, task_id: str) -> str:
@@ -69,7 +72,7 @@ def _generate(ctx: WorkerContext, task: dict) -> list[str]:
     return urls
 
 
-def _with_retries(ctx: WorkerContext, task: dict, call):
+def _with_retries(ctx: WorkerContext, task: dict, call: Callable[[], T]) -> T:
     """`call()`, retrying transient errors with jittered exponential backoff. The claim's lease
     is renewed before every try, so it outlives any one call (keep the lease above the timeout)."""
     settings = ctx.settings

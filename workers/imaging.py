@@ -22,7 +22,7 @@ def finish(data: bytes, size: str, resolution: str, width: int, height: int) -> 
                 if probe.width * probe.height > MAX_PIXELS:
                     raise PermanentError("bad_image", "The provider returned an image too large to process.")
                 probe.verify()
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             image.load()
     except PermanentError:
         raise
@@ -34,9 +34,9 @@ def finish(data: bytes, size: str, resolution: str, width: int, height: int) -> 
         scale = LONG_SIDE[resolution] / max(image.size)
         target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         if target != image.size:
-            image = image.resize(target, Image.LANCZOS)
+            image = image.resize(target, Image.Resampling.LANCZOS)
     elif image.size != (width, height):
-        image = ImageOps.fit(image, (width, height), Image.LANCZOS)
+        image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, "PNG", optimize=False, compress_level=3)
     return out.getvalue()

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
 from app.core import accounts, ledger
-from app.images import outbox
-from app.images import lifecycle
 from app.core.models import utcnow
+from app.images import lifecycle, outbox
 from app.webhooks import service as webhook_service
 from workers import events, generation, webhooks
 from workers.celery_app import DELIVER, DISPATCH, GENERATE, SWEEP, celery, publisher
-from workers.context import get_context
+from workers.context import WorkerContext, get_context
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def dispatch_pending() -> int:
     ctx = get_context()
     total = 0
     while True:
-        count = outbox.dispatch(ctx.engine, publisher(celery))
+        count = outbox.dispatch(ctx.engine, publisher(celery, GENERATE))
         total += count
         if count < outbox.BATCH:
             return total
@@ -54,9 +55,9 @@ def sweep() -> dict:
 
     Each step stands alone: one that fails (logged) does not keep the others from running."""
     ctx = get_context()
-    report = {}
+    report: dict[str, Any] = {}
 
-    def step(name: str, work):
+    def step(name: str, work: Callable[[], Any]) -> None:
         try:
             report[name] = work()
         except Exception:
@@ -65,7 +66,7 @@ def sweep() -> dict:
 
     step("holds", lambda: release_expired_holds(ctx.engine))
     step("recovered", lambda: _recover_tasks(ctx))
-    step("dispatched", lambda: outbox.dispatch(ctx.engine, publisher(celery),
+    step("dispatched", lambda: outbox.dispatch(ctx.engine, publisher(celery, GENERATE),
                                                  stale_after=ctx.settings.redispatch_after))
     step("webhooks", lambda: webhook_service.dispatch(ctx.engine, publisher(celery, DELIVER),
                                                       stale_after=ctx.settings.redispatch_after))
@@ -75,7 +76,7 @@ def sweep() -> dict:
     return report
 
 
-def _recover_tasks(ctx) -> dict:
+def _recover_tasks(ctx: WorkerContext) -> dict[str, int]:
     """Tasks whose worker died: requeued, or (out of attempts) failed and refunded."""
     with ctx.engine.begin() as conn:
         requeued, failed = lifecycle.recover_expired(conn, ctx.settings.task_max_attempts)
@@ -84,7 +85,7 @@ def _recover_tasks(ctx) -> dict:
     return {"requeued": len(requeued), "failed": len(failed)} if requeued or failed else {}
 
 
-def release_expired_holds(engine, batches: int = 100) -> int:
+def release_expired_holds(engine: Engine, batches: int = 100) -> int:
     """Release expired LLM holds, a batch of accounts per transaction (locks held briefly)."""
     total = 0
     for _ in range(batches):

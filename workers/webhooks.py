@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -32,7 +33,8 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def deliver(ctx: WorkerContext, delivery_id: str, publish_later=None) -> str:
+def deliver(ctx: WorkerContext, delivery_id: str,
+            publish_later: Callable[[str, float], None] | None = None) -> str:
     """Returns the outcome: delivered, gone, retry, exhausted, lost, or skipped (not due / not ours)."""
     settings = ctx.settings
     with ctx.engine.begin() as conn:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from app.core import keys
 from app.core.errors import APIError, unauthorized
 from app.core.models import ApiKey, utcnow
+from app.core.services import services
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def key_from_headers(headers: Mapping[str, str], *, google: bool = False, query_
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
     for header in ("x-api-key", "x-goog-api-key") if google else ("x-api-key",):
-        value = headers.get(header)
-        if value:
-            return value.strip()
+        found = headers.get(header)
+        if found:
+            return found.strip()
     return (query_key or None) if google else None
 
 
@@ -114,7 +115,7 @@ def mark_used(conn: Connection, key_ids: set[int]) -> None:
 
 
 async def require(request: Request, *, google: bool = False) -> Principal:
-    auth: Authenticator = request.app.state.auth
+    auth = services(request).auth
     return await auth.authenticate(request, google=google)
 
 

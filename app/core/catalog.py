@@ -8,10 +8,11 @@ provider whose key variable is set. Prices are parsed as decimals, never floats.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 from app.core import money
 
@@ -82,7 +83,7 @@ class Catalog:
         return [m for m in self.models.values() if any(a in apis for a in m.apis)]
 
 
-def _price(value, where: str) -> int:
+def _price(value: Any, where: str) -> int:  # a value as TOML parsed it
     if isinstance(value, float):  # tomllib is told to parse floats as Decimal; belt and braces
         raise CatalogError(f"{where}: write prices as strings or decimals")
     try:

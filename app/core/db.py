@@ -11,7 +11,8 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -88,7 +89,7 @@ def _sqlite_setup(engine: Engine) -> None:
     would fail with 'database is locked' instead of waiting its turn."""
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -98,7 +99,7 @@ def _sqlite_setup(engine: Engine) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # pragma: no cover - trivial
+    def _on_begin(conn: Connection) -> None:  # pragma: no cover - trivial
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -138,7 +139,7 @@ async def run_single(engine: AsyncEngine, fn: Callable[..., T], *args: Any, **kw
         return await conn.run_sync(fn, *args, **kwargs)
 
 
-async def open_psycopg_pool(url: str, size: int):
+async def open_psycopg_pool(url: str, size: int) -> psycopg_pool.AsyncConnectionPool | None:
     """A psycopg async pool (autocommit) for the PostgreSQL hot paths, or None on other databases.
 
     The submit is one statement; run through SQLAlchemy it spent more CPU in the
@@ -197,6 +198,6 @@ def insert_unless_exists(conn: Connection, table: Table, key: tuple[str, ...], v
 
 
 @functools.lru_cache(maxsize=16)
-def _insert_unless_exists(dialect_name: str, table: Table, key: tuple[str, ...]):
+def _insert_unless_exists(dialect_name: str, table: Table, key: tuple[str, ...]) -> Any:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(*table.primary_key.columns)

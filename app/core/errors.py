@@ -7,6 +7,7 @@ not these: the proxy passes them through untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 from starlette.responses import JSONResponse
@@ -94,7 +95,7 @@ def server_error() -> APIError:
                     code="internal_error", type="server_error")
 
 
-def family_for(path: str, headers=None, query: str = "") -> str:
+def family_for(path: str, headers: Mapping[str, str] | None = None, query: str = "") -> str:
     """Which API family's error shape a path speaks (the /llm-api prefix is ignored). The shared
     model list speaks Anthropic's to a client sending `anthropic-version`, and Gemini's to one
     sending its key the Google way (`x-goog-api-key`, or `key=` in the query)."""

@@ -17,14 +17,28 @@ can run at once in any number of processes without deadlocking.
 from __future__ import annotations
 
 import functools
-
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable
+from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg.types.json import Json
-from sqlalchemy import JSON, Connection, Table, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.sql.dml import ReturningInsert
 
 from app.core.db import insert_unless_exists
 from app.core.models import Account, LedgerEntry, LLMHold, Timestamp, utcnow
@@ -36,7 +50,7 @@ class InsufficientBalance(Exception):
     pass
 
 
-def _insert_once(conn: Connection, **values) -> bool:
+def _insert_once(conn: Connection, **values: Any) -> bool:
     """Insert a ledger row unless one with the same (kind, reference) exists."""
     return insert_unless_exists(conn, LedgerEntry.__table__, ("kind", "reference"), {"created_at": utcnow(), **values})
 
@@ -87,8 +101,8 @@ def charge_with_row(conn: Connection, account_id: int, amount: int, *, reference
         raise InsufficientBalance()
 
 
-async def charge_with_row_psycopg(connection, account_id: int, amount: int, *, reference: str, note: str,
-                                  table: Table, values: dict) -> None:
+async def charge_with_row_psycopg(connection: AsyncConnection[Any], account_id: int, amount: int, *, reference: str,
+                                  note: str, table: Table, values: dict) -> None:
     """`charge_with_row` on PostgreSQL through a psycopg AsyncConnection in autocommit mode:
     the same compiled statement, without SQLAlchemy's per-execution work (the submit hot path)."""
     sql, defaults, json_columns = _charge_with_row_sql(table, tuple(values))
@@ -115,7 +129,7 @@ def _charge_with_row_sql(table: Table, columns: tuple[str, ...]) -> tuple[str, d
 
 
 @functools.lru_cache(maxsize=8)
-def _charge_with_row_statement(table: Table, columns: tuple[str, ...]):
+def _charge_with_row_statement(table: Table, columns: tuple[str, ...]) -> ReturningInsert[Any]:
     debit = (update(Account)
              .where(Account.id == bindparam("account_id_"), Account.balance - Account.held >= bindparam("amount_"))
              .values(balance=Account.balance - bindparam("amount_"))
@@ -238,7 +252,7 @@ def release_holds(conn: Connection, owners: Iterable[str]) -> int:
     return sum(_release_rows(conn, account_id, mine) for account_id in account_ids)
 
 
-def _release_rows(conn: Connection, account_id: int, condition) -> int:
+def _release_rows(conn: Connection, account_id: int, condition: ColumnElement[bool]) -> int:
     _lock_account(conn, account_id)
     amounts = conn.execute(delete(LLMHold).where(LLMHold.account_id == account_id, condition)
                            .returning(LLMHold.amount)).scalars().all()

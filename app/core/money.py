@@ -7,7 +7,7 @@ The API renders amounts as decimal strings with 5 decimals, as the docs do.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 UNITS_PER_USD = 10**9
 MAX_UNITS = 2**63 - 1  # what the signed 64-bit money columns hold
@@ -38,10 +38,3 @@ def to_decimal(units: int) -> Decimal:
 def render(units: int) -> str:
     """Units as the API's USD string: 12_000_000 -> "0.01200"."""
     return str(to_decimal(units).quantize(_DISPLAY, rounding=ROUND_HALF_EVEN))
-
-
-def per_token_cost(tokens: int, usd_per_mtok_units: int) -> int:
-    """Cost in units of `tokens` at a price given in units per 1M tokens, rounded up."""
-    if tokens <= 0 or usd_per_mtok_units <= 0:
-        return 0
-    return int((Decimal(tokens) * usd_per_mtok_units / 1_000_000).to_integral_value(ROUND_CEILING))

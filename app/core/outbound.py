@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from urllib.parse import urlsplit
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import httpcore
 import httpx
@@ -74,10 +76,10 @@ def _literal(host: str) -> IPAddress | None:
 
 def _resolve(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _default_port(parts) -> int:
+def _default_port(parts: SplitResult) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
@@ -98,7 +100,7 @@ async def check_public_url(url: str, param: str) -> None:
                                                                  type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             raise invalid(param, f"'{param}': the host {host!r} cannot be resolved.", "unsafe_url") from None
-        addresses = [info[4][0] for info in infos]
+        addresses = [str(info[4][0]) for info in infos]
     for address in addresses:
         if not is_public(address):
             raise invalid(param, f"'{param}' points to a private or reserved address ({address}); "
@@ -121,7 +123,8 @@ class GuardedBackend(httpcore.SyncBackend):
     server_hostname set to the URL's host, not to the address.
     """
 
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
         literal = _literal(host)
         try:
             addresses = [str(literal)] if literal is not None else _resolve(host, port)
@@ -137,10 +140,11 @@ class GuardedBackend(httpcore.SyncBackend):
                 return super().connect_tcp(address, port, timeout, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
-        raise last  # type: ignore[misc]
+        assert last is not None  # `allowed` is not empty, so the loop ran and each try failed
+        raise last
 
 
-def guarded_transport(**kwargs) -> httpx.HTTPTransport:
+def guarded_transport(**kwargs: Any) -> httpx.HTTPTransport:
     transport = httpx.HTTPTransport(**kwargs)
     # httpx has no public hook for the network backend; the pool passes this one to every
     # connection it makes (tests/webhooks/test_urls.py proves the refusal end to end).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from urllib.parse import SplitResult, urlsplit
 
 import orjson
@@ -93,7 +93,7 @@ def text(value: str, param: str) -> str:
     return value
 
 
-def moment(value: str, param: str, *, end: bool = False, tz: tzinfo = timezone.utc) -> datetime:
+def moment(value: str, param: str, *, end: bool = False, tz: tzinfo = UTC) -> datetime:
     """A date (`2025-01-31`: its start, or with `end` the start of the next day) or an ISO 8601
     time (with `end`, a microsecond after it, so that the moment itself is included), in UTC;
     a time without a zone is in `tz`. An end past the calendar's last day is its last moment."""
@@ -107,10 +107,10 @@ def moment(value: str, param: str, *, end: bool = False, tz: tzinfo = timezone.u
                 found = found.replace(tzinfo=tz)
             if end:
                 found += timedelta(microseconds=1)
-        return found.astimezone(timezone.utc)
+        return found.astimezone(UTC)
     except OverflowError:
         if end:
-            return datetime.max.replace(tzinfo=timezone.utc)
+            return datetime.max.replace(tzinfo=UTC)
     except ValueError:
         pass
     raise invalid(param, f"'{param}': expected a date (2025-01-31) or an ISO 8601 time, got {value[:40]!r}.")

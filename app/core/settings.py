@@ -84,7 +84,7 @@ class Settings:
         return self.data_dir / "files"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
         data_dir = Path(env.get("MEDIAGATE_DATA_DIR") or "./data").resolve()
         database_url = env.get("MEDIAGATE_DATABASE_URL") or f"sqlite:///{data_dir / 'mediagate.db'}"

@@ -63,7 +63,7 @@ def daily_spend(days: list[date], series: dict[str, list[int]]) -> dict:
     for index, day in enumerate(days):
         x = LEFT + slot * index + slot * 0.15
         y = TOP + plot_h
-        for (name, values), colour in zip(groups, PALETTE):
+        for (name, values), colour in zip(groups, PALETTE, strict=False):  # fewer models than colours
             amount = values[index]
             if amount <= 0:
                 continue
@@ -79,5 +79,5 @@ def daily_spend(days: list[date], series: dict[str, list[int]]) -> dict:
         parts.append(f'<text x="{LEFT + plot_w / 2:.0f}" y="{TOP + plot_h / 2:.0f}" class="empty" '
                      f'text-anchor="middle">No spend in the last {len(days)} days</text>')
     parts.append("</svg>")
-    legend = [(name, colour, sum(values)) for (name, values), colour in zip(groups, PALETTE)]
+    legend = [(name, colour, sum(values)) for (name, values), colour in zip(groups, PALETTE, strict=False)]
     return {"svg": Markup("".join(parts)), "legend": legend}

@@ -26,7 +26,8 @@ def price(units: int | None) -> str:
     if units is None:
         return ""
     value = money.to_decimal(units).normalize()
-    if value == value.to_integral_value() or -value.as_tuple().exponent < 2:
+    exponent = value.as_tuple().exponent  # an int: an amount is finite (not NaN or infinite)
+    if value == value.to_integral_value() or (isinstance(exponent, int) and -exponent < 2):
         value = value.quantize(Decimal("0.01"))
     return f"${value}"
 

@@ -9,10 +9,11 @@ gallery with its webhook deliveries, the accounts list).
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime, time, timedelta, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import ColumnElement, Connection, SQLColumnExpression, case, func, select
 
 from app.core import accounts, ledger, pagination
 from app.core import params as app_params
@@ -48,11 +49,13 @@ def day_starts(tz: ZoneInfo, now: datetime, days: int = CHART_DAYS) -> list[date
     """UTC instants of local midnight for the last `days` days (oldest first) and of tomorrow."""
     today = now.astimezone(tz).date()
     first = today - timedelta(days=days - 1)
-    return [datetime.combine(first + timedelta(days=i), time(), tz).astimezone(timezone.utc)
+    return [datetime.combine(first + timedelta(days=i), time(), tz).astimezone(UTC)
             for i in range(days + 1)]
 
 
-def _by_day(conn: Connection, column, model_col, amount, where: list, starts: list[datetime]) -> list[tuple]:
+def _by_day(conn: Connection, column: SQLColumnExpression[datetime], model_col: SQLColumnExpression[str],
+            amount: SQLColumnExpression[int], where: list[ColumnElement[bool]],
+            starts: list[datetime]) -> list[tuple[str, int, int]]:
     # The day index is computed by the database with one CASE over the local-midnight
     # boundaries: portable (SQLite and PostgreSQL), right across DST, and only the
     # aggregate (days x models rows) leaves the database.
@@ -93,9 +96,9 @@ def list_keys(conn: Connection, account_id: int) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-# -- usage (read through app.proxy.records) ----------------------------------------------------------------------------------------
+# -- usage (read through app.proxy.records) -------------------------------------------------------
 
-def usage_filters(params, tz: ZoneInfo) -> tuple[records.Filters, dict]:
+def usage_filters(params: Mapping[str, str], tz: ZoneInfo) -> tuple[records.Filters, dict]:
     """The usage filter from query parameters `from`, `to` (days in the browser's zone, both
     included), `model` and `key` (an id), for app.proxy.records (which also serves GET /v1/usage).
     Returns the filter and the cleaned values to show in the form."""

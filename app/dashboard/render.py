@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, pass_context, select_autoescape
+from jinja2.runtime import Context
 from markupsafe import Markup, escape
 
 from app.core import money
@@ -34,7 +36,7 @@ def usd(amount: int | str | None) -> str:
 
 
 @pass_context
-def when(context, value: datetime | str | None, style: str = "datetime") -> Markup:
+def when(context: Context, value: datetime | str | None, style: str = "datetime") -> Markup:
     """A <time> in the page's zone; app.js re-renders it with the browser's own clock settings."""
     if value is None:
         return Markup('<span class="muted">never</span>')
@@ -60,5 +62,5 @@ ENV = Environment(
 ENV.filters.update(usd=usd, when=when, tokens=tokens)
 
 
-def page(name: str, **context) -> str:
+def page(name: str, **context: Any) -> str:
     return ENV.get_template(name).render(**context)

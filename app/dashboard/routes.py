@@ -13,18 +13,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from app.core import accounts, keys, money, params, passwords
-from app.dashboard import charts, export, pricing, queries, sessions, thumbs
-from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
 from app.core.db import run
 from app.core.errors import APIError
-from app.images.service import TERMINAL
 from app.core.models import utcnow
+from app.core.taskview import STATUSES as TASK_STATUSES
+from app.dashboard import charts, pricing, queries, sessions, thumbs
+from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
 from app.proxy import records
 from app.proxy.formats import FORMATS
 from app.webhooks import service as webhooks
 
 STATIC = Path(__file__).resolve().parent / "static"
-TASK_STATUSES = ("pending", "processing", *TERMINAL)
 MESSAGES = {  # ?msg= codes: fixed texts, so nothing from a URL is shown as a message
     "revoked": "The key was revoked. Requests with it are refused from now on.",
     "not-revoked": "That key was already revoked.",
@@ -63,7 +62,8 @@ async def login(ctx: Ctx) -> Response:
         response.headers["Retry-After"] = str(wait)
         return response
     stored = found[1] if found else None
-    if not await run_in_threadpool(passwords.verify, password, stored):
+    # verify runs for an unknown email too (it then spends one hash's time, and is False).
+    if not await run_in_threadpool(passwords.verify, password, stored) or found is None:
         guard.failed(email, address)
         return ctx.render("login.html", status=401, email=email, next=target, message=None,
                           error="Wrong email or password.")
@@ -103,7 +103,8 @@ async def overview(ctx: Ctx) -> Response:
     return ctx.render("overview.html", chart=chart, **data)
 
 
-async def _keys_page(ctx: Ctx, new_key=None, error=None, status=200) -> Response:
+async def _keys_page(ctx: Ctx, new_key: dict[str, str] | None = None, error: str | None = None,
+                     status: int = 200) -> Response:
     async with ctx.state.engine.connect() as conn:
         rows = await conn.run_sync(queries.list_keys, ctx.account_id)
         signed_in = await conn.run_sync(accounts.count_sessions, ctx.account_id)
@@ -162,7 +163,7 @@ async def usage_csv(ctx: Ctx) -> Response:
     filters, _ = queries.usage_filters(ctx.request.query_params, ctx.tz)
     filename = f"mediagate-usage-{date.today().isoformat()}.csv"
     await ctx.state.llm.written()
-    return StreamingResponse(export.csv_chunks(ctx.state.engine, ctx.account_id, filters),
+    return StreamingResponse(records.csv_pages(ctx.state.engine, ctx.account_id, filters),
                              media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
@@ -268,7 +269,7 @@ async def admin_topup(ctx: Ctx) -> Response:
     except (TypeError, ValueError):
         return await _admin_page(ctx, "Enter a positive USD amount (at most 1,000,000), e.g. 10 or 2.50.", 400)
     note = ctx.form.get("note", "").strip()[:400] or "top-up"
-    note = f"{note} (by {ctx.account['email']})"
+    note = f"{note} (by {ctx.current_account['email']})"
     if not await run(ctx.state.engine, queries.top_up, account_id, amount, note):
         return await _admin_page(ctx, "No such account.", 404)
     return _see("/dashboard/admin", "topup")

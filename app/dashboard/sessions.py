@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core import passwords
+from app.core.settings import Settings
 
 COOKIE = "mediagate_session"
 COOKIE_PATH = "/dashboard"
@@ -40,7 +41,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def secret_key(settings) -> bytes:
+def secret_key(settings: Settings) -> bytes:
     """MEDIAGATE_SECRET_KEY, or a random key made once and kept in data_dir/secret_key (mode 0600)."""
     if settings.secret_key:
         return settings.secret_key.encode()
@@ -75,7 +76,7 @@ class Session:
 
 
 class Signer:
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes) -> None:
         self._key = hashlib.sha256(b"mediagate.dashboard.session:" + key).digest()
 
     def _mac(self, payload: str) -> str:
@@ -137,7 +138,7 @@ class LoginLimiter:
     server a scrypt anyway.
     """
 
-    def __init__(self, per_pair: int = 5, per_address: int = 20, per_email: int = 50, window: float = 900.0):
+    def __init__(self, per_pair: int = 5, per_address: int = 20, per_email: int = 50, window: float = 900.0) -> None:
         self.limits = {"pair": per_pair, "address": per_address, "email": per_email}
         self.window = window
         self._failures: dict[tuple[str, ...], deque[float]] = {}

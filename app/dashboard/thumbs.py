@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from app.storage import Storage
+
 SIZE = 384  # px, the longer side: sharp on a 2x phone screen in a two-column grid
 MARKER = "/files/"
 
@@ -26,7 +28,7 @@ def local_path(url: str) -> str | None:
     return MARKER + key if key else None
 
 
-def thumbnail(storage, cache_dir: Path, key: str) -> Path:
+def thumbnail(storage: Storage, cache_dir: Path, key: str) -> Path:
     """The cached WebP thumbnail of the stored image `key`, made now if missing."""
     target = (cache_dir / f"{key}.{SIZE}.webp").resolve()
     if cache_dir.resolve() not in target.parents:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
@@ -12,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.core import params
-from app.dashboard import queries, render, sessions
 from app.core.models import utcnow
+from app.core.services import Services, services
+from app.dashboard import queries, render, sessions
 
 MAX_FORM_BYTES = 64 * 1024
 PAGE_HEADERS = {
@@ -28,7 +30,7 @@ PAGE_HEADERS = {
 
 
 class FormError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -45,32 +47,31 @@ class Ctx:
     form: dict[str, str] = field(default_factory=dict)
 
     @property
-    def state(self):
-        return self.request.app.state
+    def state(self) -> Services:
+        return services(self.request)
+
+    @property
+    def current_account(self) -> dict:
+        """The signed-in account, on a page that requires one (page() has let only such requests in)."""
+        assert self.account is not None
+        return self.account
 
     @property
     def account_id(self) -> int:
-        assert self.account is not None
-        return self.account["id"]
+        return self.current_account["id"]
 
-    def render(self, template: str, status: int = 200, **context) -> HTMLResponse:
+    def render(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         html = render.page(template, account=self.account, csrf=self.session.csrf, tz=self.tz, tz_name=self.tz.key,
                            path=self.request.url.path, **context)
         return HTMLResponse(html, status_code=status)
 
 
 def _signer(request: Request) -> sessions.Signer:
-    state = request.app.state
-    if getattr(state, "dashboard_signer", None) is None:
-        state.dashboard_signer = sessions.Signer(sessions.secret_key(state.settings))
-    return state.dashboard_signer
+    return services(request).signer
 
 
 def limiter(request: Request) -> sessions.LoginLimiter:
-    state = request.app.state
-    if getattr(state, "login_limiter", None) is None:
-        state.login_limiter = sessions.LoginLimiter()
-    return state.login_limiter
+    return services(request).limiter
 
 
 def client_address(request: Request) -> str:
@@ -78,7 +79,7 @@ def client_address(request: Request) -> str:
 
 
 def save_session(request: Request, response: Response, session: sessions.Session) -> None:
-    settings = request.app.state.settings
+    settings = services(request).settings
     secure = request.url.scheme == "https" or settings.public_url.startswith("https://")
     response.set_cookie(sessions.COOKIE, _signer(request).dumps(session), max_age=sessions.MAX_AGE,
                         path=sessions.COOKIE_PATH, httponly=True, samesite="lax", secure=secure)
@@ -101,7 +102,7 @@ async def _signed_in(request: Request, session: sessions.Session) -> dict | None
     """The account of the session's row, or None (not signed in; or signed out, revoked, expired)."""
     if session.token is None:
         return None
-    async with request.app.state.engine.connect() as conn:
+    async with services(request).engine.connect() as conn:
         return await conn.run_sync(queries.session_account, session.token, utcnow())
 
 
@@ -110,13 +111,14 @@ def error_page(ctx: Ctx, status: int, title: str, message: str) -> HTMLResponse:
 
 
 Handler = Callable[[Ctx], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def page(*, signed_in: bool = True, admin: bool = False) -> Callable[[Handler], Callable]:
+def page(*, signed_in: bool = True, admin: bool = False) -> Callable[[Handler], Endpoint]:
     """Wrap a handler: load the session, check the CSRF token of every POST, require a signed-in
     account (and the admin flag), then add the security headers and the session cookie."""
 
-    def wrap(handler: Handler):
+    def wrap(handler: Handler) -> Endpoint:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             cookie_session = _signer(request).loads(request.cookies.get(sessions.COOKIE))
@@ -137,7 +139,7 @@ def page(*, signed_in: bool = True, admin: bool = False) -> Callable[[Handler], 
     return wrap
 
 
-def _clean(values) -> bool:
+def _clean(values: Iterable[object]) -> bool:
     return all(params.is_clean(str(value)) for value in values)
 
 
@@ -160,7 +162,7 @@ async def _guarded(ctx: Ctx, handler: Handler, signed_in: bool, admin: bool) -> 
     if signed_in and ctx.account is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/dashboard/login?next={quote(target)}", status_code=303)
-    if admin and not ctx.account["is_admin"]:
+    if admin and not ctx.current_account["is_admin"]:
         return error_page(ctx, 403, "Admins only", "This page is for administrator accounts.")
     return await handler(ctx)
 

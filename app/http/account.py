@@ -8,11 +8,12 @@ from starlette.routing import Route
 
 from app.core import ledger, money
 from app.core.auth import require
+from app.core.services import services
 
 
 async def get_balance(request: Request) -> JSONResponse:
     principal = await require(request)
-    async with request.app.state.engine.connect() as conn:
+    async with services(request).engine.connect() as conn:
         units = await conn.run_sync(ledger.balance, principal.account_id)
     return JSONResponse({"balance": money.render(units), "currency": "USD"})
 

@@ -8,16 +8,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-
-def _broker_ok(celery) -> bool:
-    with celery.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=2)
-    return True
+from app.core.services import services
 
 
 async def healthz(request: Request) -> JSONResponse:
-    state = request.app.state
-    checks = {}
+    state = services(request)
+    checks: dict[str, str] = {}
     try:
         async with state.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -25,7 +21,7 @@ async def healthz(request: Request) -> JSONResponse:
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
     try:
-        await run_in_threadpool(_broker_ok, state.celery)
+        await run_in_threadpool(state.broker.check)
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import ColumnElement, Connection, select, update
 
 from app.core import ledger
 from app.core.models import ImageTask, utcnow
@@ -36,7 +36,7 @@ def claim(conn: Connection, task_id: str, lease_seconds: int) -> dict | None:
     return dict(conn.execute(select(ImageTask).where(ImageTask.id == task_id)).mappings().one())
 
 
-def _running(task_id: str, attempt: int | None):
+def _running(task_id: str, attempt: int | None) -> list[ColumnElement[bool]]:
     """The row of a processing task, and of this worker's claim of it when `attempt` is given:
     a worker whose lease ran out and whose task was claimed again can no longer end it."""
     conditions = [ImageTask.id == task_id, ImageTask.status == "processing"]

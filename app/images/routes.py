@@ -6,17 +6,21 @@ import asyncio
 import hashlib
 import json
 import logging
+from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.core import ledger, outbound, params
-from app.core.auth import require
+from app.core import ledger, outbound, params, taskview
+from app.core.auth import Principal, require
 from app.core.db import run, run_single
 from app.core.errors import APIError, insufficient_balance, invalid, not_found
+from app.core.services import Services, services
 from app.images import service, validation
+from app.webhooks.wake import deliver_soon
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024 * 1024
@@ -72,7 +76,8 @@ def preferred_wait(request: Request) -> int | None:
     return None
 
 
-async def wait_until_finished(engine, account_id: int, task_id: str, seconds: float) -> dict | None:
+async def wait_until_finished(engine: AsyncEngine, account_id: int, task_id: str,
+                              seconds: float) -> dict[str, Any] | None:
     """Poll the task row (one indexed read each time, short sleeps on the event loop) until it
     ends or `seconds` pass; the finished task, or None."""
     loop = asyncio.get_running_loop()
@@ -86,11 +91,11 @@ async def wait_until_finished(engine, account_id: int, task_id: str, seconds: fl
         delay = min(delay * 1.5, 0.5)
         async with engine.connect() as conn:
             task = await conn.run_sync(service.get, account_id, task_id)
-        if task is not None and task["status"] in service.TERMINAL:
+        if task is not None and task["status"] in taskview.TERMINAL:
             return task
 
 
-async def submit(state, principal, parsed) -> dict:
+async def submit(state: Services, principal: Principal, parsed: validation.GenerationRequest) -> dict[str, Any]:
     """The plain submit: on PostgreSQL one statement on the raw psycopg pool (the hot path)."""
     if state.pg_pool is not None:
         async with state.pg_pool.connection() as connection:
@@ -100,7 +105,7 @@ async def submit(state, principal, parsed) -> dict:
 
 async def create_generation(request: Request) -> JSONResponse:
     principal = await require(request)
-    state = request.app.state
+    state = services(request)
     key = idempotency_key(request)
     wait = preferred_wait(request)
     body = await read_json(request)
@@ -121,7 +126,7 @@ async def create_generation(request: Request) -> JSONResponse:
             f"Your balance is too low for {parsed.model.name} at {parsed.resolution}. Top up and try again."
         ) from None
     if not replayed:
-        state.relay.wake()  # after the commit: the relay hands the task to a worker
+        state.broker.relay.wake()  # after the commit: the relay hands the task to a worker
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait}"
@@ -136,10 +141,10 @@ async def list_tasks(request: Request) -> JSONResponse:
     query = request.query_params
     statuses = tuple(s.strip() for s in query.get("status", "").split(",") if s.strip())
     for status in statuses:
-        if status not in service.STATUSES:
-            raise invalid("status", f"'status' must be one or more of: {', '.join(service.STATUSES)}.")
+        if status not in taskview.STATUSES:
+            raise invalid("status", f"'status' must be one or more of: {', '.join(taskview.STATUSES)}.")
     limit = params.optional_integer(query.get("limit"), "limit", 20, minimum=1, maximum=100)
-    async with request.app.state.engine.connect() as conn:
+    async with services(request).engine.connect() as conn:
         page = await conn.run_sync(service.list_tasks, principal.account_id, statuses=statuses, limit=limit,
                                    cursor=query.get("cursor") or None)
     return JSONResponse(page)
@@ -147,26 +152,14 @@ async def list_tasks(request: Request) -> JSONResponse:
 
 async def cancel_task(request: Request) -> JSONResponse:
     principal = await require(request)
-    state = request.app.state
+    state = services(request)
     task_id = request.path_params["task_id"]
     task = await run(state.engine, service.cancel, principal.account_id, task_id) if params.is_id(task_id) else None
     if task is None:
         raise not_found(f"No task {task_id!r} for this API key's account.", "task_not_found")
     if task.get("webhook_url"):
-        await run_in_threadpool(wake_webhook, state, task_id)
+        await run_in_threadpool(deliver_soon, state.sync_engine, state.broker.deliver, task_id)
     return JSONResponse(task)
-
-
-def wake_webhook(state, task_id: str) -> None:
-    """After a commit that queued a task's webhook event: wake a worker to deliver it.
-    Delivery itself never runs here; if this publish fails, the sweep sends the wake-up."""
-    from app.webhooks import service as webhooks
-    from workers.celery_app import DELIVER, publisher
-
-    try:
-        webhooks.dispatch(state.sync_engine, publisher(state.celery, DELIVER), task_id=task_id)
-    except Exception:
-        log.exception("could not wake a worker for the webhook of %s; the sweep will", task_id)
 
 
 async def get_task(request: Request) -> JSONResponse:
@@ -174,7 +167,7 @@ async def get_task(request: Request) -> JSONResponse:
     task_id = request.path_params["task_id"]
     task = None
     if params.is_id(task_id):
-        async with request.app.state.engine.connect() as conn:
+        async with services(request).engine.connect() as conn:
             task = await conn.run_sync(service.get, principal.account_id, task_id)
     if task is None:
         raise not_found(f"No task {task_id!r} for this API key's account.", "task_not_found")

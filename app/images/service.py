@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, select, update
+from psycopg import AsyncConnection
+from sqlalchemy import Connection, Row, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.core import ledger, money
 from app.core.auth import Principal
 from app.core.errors import APIError
-from app.images.validation import GenerationRequest
 from app.core.models import ImageTask, utcnow
 from app.core.pagination import decode_cursor, encode_cursor, older_than
+from app.core.taskview import render
+from app.images import lifecycle
+from app.images.validation import GenerationRequest
 
-TERMINAL = ("completed", "failed", "canceled")
-STATUSES = ("pending", "processing", *TERMINAL)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 
@@ -42,7 +44,7 @@ def submit(conn: Connection, principal: Principal, request: GenerationRequest, *
     return _accepted(task_id, request, charge)
 
 
-async def submit_psycopg(connection, principal: Principal, request: GenerationRequest) -> dict:
+async def submit_psycopg(connection: AsyncConnection[Any], principal: Principal, request: GenerationRequest) -> dict:
     """`submit` on PostgreSQL through a psycopg AsyncConnection in autocommit mode: one
     statement, one round trip, none of SQLAlchemy's per-execution work (the hot path)."""
     task_id, charge, values = _new_task(principal, request, None, None)
@@ -72,7 +74,7 @@ def _accepted(task_id: str, request: GenerationRequest, charge: int) -> dict:
     return {"task_id": task_id, "status": "pending", "model": request.model.name, "charge": money.render(charge)}
 
 
-def _first_answer(task, hashes: tuple[str, str]) -> dict:
+def _first_answer(task: Row[str, str, int, str | None, datetime], hashes: tuple[str, str]) -> dict:
     if task.request_hash not in hashes:
         raise APIError(422, "This Idempotency-Key was already used with a different request body. "
                             "Use a new key for a new request.", code="idempotency_key_reused",
@@ -91,7 +93,7 @@ def submit_once(conn: Connection, principal: Principal, request: GenerationReque
     rolled back, nothing charged) answers with the winner's task. The same key with another
     request is a 422. An older key is released and used afresh.
     """
-    def existing():
+    def existing() -> Row[str, str, int, str | None, datetime] | None:
         return conn.execute(
             select(ImageTask.id, ImageTask.model, ImageTask.charge, ImageTask.request_hash, ImageTask.created_at)
             .where(ImageTask.account_id == principal.account_id, ImageTask.idempotency_key == idempotency_key)
@@ -118,8 +120,6 @@ def submit_once(conn: Connection, principal: Principal, request: GenerationReque
 def cancel(conn: Connection, account_id: int, task_id: str) -> dict | None:
     """pending | processing -> canceled, refunded once (its webhook event queued in the same
     transaction). None if not this account's task; 409 if it has already ended."""
-    from app.images import lifecycle
-
     status = conn.execute(select(ImageTask.status).where(ImageTask.id == task_id,
                                                           ImageTask.account_id == account_id)).scalar()
     if status is None:
@@ -153,32 +153,3 @@ def get(conn: Connection, account_id: int, task_id: str) -> dict | None:
         select(ImageTask).where(ImageTask.id == task_id, ImageTask.account_id == account_id)
     ).mappings().first()
     return render(row) if row else None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def render(task) -> dict:
-    """The one JSON shape of a task: GET /v1/tasks/{id}, lists and webhook payloads."""
-    body = {
-        "task_id": task["id"],
-        "status": task["status"],
-        "model": task["model"],
-        "charge": money.render(task["charge"]),
-        "prompt": task["prompt"],
-        "size": task["size"],
-        "resolution": task["resolution"],
-        "n": task["n"],
-        "created_at": _iso(task["created_at"]),
-        "updated_at": _iso(task["updated_at"]),
-        "finished_at": _iso(task["finished_at"]),
-        "refunded": bool(task["refunded"]),
-    }
-    if task["status"] == "completed":
-        body["result"] = {"urls": list(task["result_urls"] or [])}
-    if task["status"] in ("failed", "canceled"):
-        body["error"] = {"code": task["error_code"], "message": task["error_message"]}
-    if task["webhook_url"]:
-        body["webhook_url"] = task["webhook_url"]
-    return body

@@ -8,6 +8,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import overload
 
 from PIL import Image
 
@@ -36,6 +37,10 @@ class GenerationRequest:
     webhook_url: str | None = None
 
 
+@overload
+def _string(body: dict, name: str, default: str) -> str: ...
+@overload
+def _string(body: dict, name: str, default: None = None) -> str | None: ...
 def _string(body: dict, name: str, default: str | None = None) -> str | None:
     value = body.get(name)
     if value is None:  # absent or null: SDKs send null for parameters left unset
@@ -155,7 +160,8 @@ def verify_image(data: bytes, param: str) -> str:
                 if image.width * image.height > MAX_PIXELS:
                     raise invalid(param, f"'{param}' has more than {MAX_PIXELS} pixels.")
                 image.verify()
-                return ALLOWED_FORMATS[image.format]
+                # Opened with formats=ALLOWED_FORMATS: its format is one of them (None is for images made in memory).
+                return ALLOWED_FORMATS[image.format or ""]
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

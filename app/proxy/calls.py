@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import parse_qsl
+
+from starlette.types import Receive, Scope
 
 from app.core import money, params
 from app.core.auth import Principal, key_from_headers
 from app.core.catalog import Model
 from app.core.errors import APIError, insufficient_balance, invalid
 from app.core.models import time_ordered_id, utcnow
+from app.core.services import Services
 from app.proxy import upstream
 from app.proxy.formats import GEMINI_METHODS, Format, Target, flag
 from app.proxy.pricing import estimate
@@ -43,7 +46,7 @@ class Call:
     input_estimate: int = 0  # the input tokens the hold assumed (one per byte of body)
     strip_usage: bool = False  # the gateway added include_usage: hide the usage chunk
     sse: bool = True  # Gemini streams without ?alt=sse are a JSON array
-    created_at: datetime | None = None
+    created_at: datetime = field(default_factory=utcnow)
     started: float = 0.0  # perf_counter at arrival
 
 
@@ -51,7 +54,8 @@ class ClientGone(Exception):
     """The client went away before its request was read: there is nobody to answer."""
 
 
-async def prepare(scope, receive, state, format_: Format, *, version: str = "v1beta", target: str = "") -> Call:
+async def prepare(scope: Scope, receive: Receive, state: Services, format_: Format, *, version: str = "v1beta",
+                  target: str = "") -> Call:
     """Authenticate, read and parse the request, find the model and hold the most the call can cost.
 
     Works on the raw ASGI scope: this runs on every LLM call, and a Starlette
@@ -75,9 +79,10 @@ async def prepare(scope, receive, state, format_: Format, *, version: str = "v1b
         if gemini_method not in GEMINI_METHODS:
             raise APIError(404, f"Method {gemini_method!r} is not offered for Gemini models here.", code="not_found")
     else:
-        name = parsed.get("model")
-        if not isinstance(name, str) or not name:
+        named = parsed.get("model")
+        if not isinstance(named, str) or not named:
             raise invalid("model", "model: a model name is required.", "missing_model")
+        name = named
     model = state.catalog.get(name, format_.api)
     if model is None:
         raise APIError(404, format_.not_found(name, version), code="model_not_found", param="model")
@@ -118,7 +123,7 @@ def _param(query: list[tuple[str, str]], name: str) -> str | None:
     return next((value for key, value in query if key == name), None)
 
 
-async def _read_body(receive, length: str | None) -> bytes:
+async def _read_body(receive: Receive, length: str | None) -> bytes:
     declared = params.content_length(length)
     if declared is not None and declared > MAX_BODY:
         raise _too_large()

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import ssl
 from urllib.parse import unquote, urlsplit
-from urllib.request import proxy_bypass_environment
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # there, not in typeshed
 
 MAX_REPLY = 65536
 
@@ -55,7 +55,10 @@ class EgressProxy:
             if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].startswith(b"2"):
                 raise ConnectionError(f"the egress proxy refused the tunnel to {self.target}: "
                                       f"{status_line.decode('latin-1')!r}")
-            return await loop.start_tls(transport, protocol, ssl_context, server_hostname=server_hostname)
+            tls = await loop.start_tls(transport, protocol, ssl_context, server_hostname=server_hostname)
+            if tls is None:  # only for a transport closing meanwhile
+                raise ConnectionError(f"the tunnel to {self.target} closed before TLS began")
+            return tls
         except BaseException:
             transport.close()
             raise

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from app.core.errors import ANTHROPIC, GEMINI as GEMINI_FAMILY, OPENAI, invalid
+from app.core.errors import ANTHROPIC, OPENAI, invalid
+from app.core.errors import GEMINI as GEMINI_FAMILY
 from app.proxy import meters
 from app.proxy.pricing import Usage
 
@@ -238,11 +239,9 @@ def read_answer(format_: Format, body: bytes) -> tuple[dict | None, int]:
     return None, meters.text_bytes(obj, format_.body_text)
 
 
-def stream_meter(format_: Format, *, sse: bool, strip: bool) -> meters.Meter:
-    """The meter for an answer streamed in `format_`: `sse` for an event stream (else Gemini's
-    JSON array), `strip` when the gateway asked for the usage chunk and hides it."""
-    if strip:
-        return meters.ChatStripMeter()
+def stream_meter(format_: Format, *, sse: bool) -> meters.Meter:
+    """The meter for an answer streamed in `format_`: `sse` for an event stream, else Gemini's
+    JSON array."""
     if not sse and format_.array_meter is not None:
         return format_.array_meter()
     return format_.meter()

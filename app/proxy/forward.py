@@ -14,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
 
 from app.core.errors import APIError
 from app.proxy import upstream
 from app.proxy.calls import Call
 from app.proxy.client import Response, UpstreamError
-from app.proxy.gateway import LLMGateway
-from app.proxy.recorder import Entry
 from app.proxy.formats import read_answer, stream_meter
+from app.proxy.gateway import LLMGateway
+from app.proxy.meters import ChatStripMeter, Meter
 from app.proxy.pricing import Usage, cost, estimated
+from app.proxy.recorder import Entry
 
 log = logging.getLogger(__name__)
 # How long a call runs before the gateway watches for its client's disconnect. A client that
@@ -49,8 +53,9 @@ class ProxyResponse:
         self._watcher: asyncio.Task | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = self._task = asyncio.current_task()
+        assert task is not None
         # A call that ends within WATCH_AFTER needs no watcher task: making and cancelling one
         # costs more than anything else the gateway adds to a fast call.
         start_watching = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start_watching, receive, task)
@@ -69,11 +74,11 @@ class ProxyResponse:
                 self._drain_timer.cancel()
             self._record()
 
-    def _start_watching(self, receive, task: asyncio.Task) -> None:
+    def _start_watching(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         if not self.done:
             self._watcher = asyncio.ensure_future(self._watch(receive, task))
 
-    async def _watch(self, receive, task: asyncio.Task) -> None:
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self._client_left()
@@ -91,7 +96,7 @@ class ProxyResponse:
         elif self._task is not None:
             self._task.cancel()
 
-    async def _send(self, send, message: dict) -> None:
+    async def _send(self, send: Send, message: Message) -> None:
         """To the client, unless it left; a server that raises for a client gone (ASGI 2.4) says so."""
         if self.disconnected:
             return
@@ -100,7 +105,7 @@ class ProxyResponse:
         except OSError:
             self._client_left()
 
-    async def _forward(self, scope, receive, send) -> None:
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
         pool = self.gateway.pool(call.model.provider)
         response = None
@@ -140,7 +145,7 @@ class ProxyResponse:
                 else:
                     response.close()  # half read: the connection can't be reused
 
-    async def _whole(self, status: int, headers: list, body: bytes, send) -> None:
+    async def _whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, send: Send) -> None:
         if 200 <= status < 300:
             self.raw_usage, self.text_bytes = read_answer(self.call.format, body)
             self.final = self.raw_usage is not None
@@ -156,10 +161,11 @@ class ProxyResponse:
         except OSError:  # a server that raises for a client gone (ASGI 2.4)
             self._client_left()
 
-    async def _stream(self, response: Response, headers: list, send, sse: bool) -> None:
+    async def _stream(self, response: Response, headers: list[tuple[bytes, bytes]], send: Send, sse: bool) -> None:
         call = self.call
-        strip = call.strip_usage and sse
-        meter = stream_meter(call.format, sse=sse, strip=strip)
+        # The gateway asked for the usage chunk: it meters it and hides it from the client.
+        stripper = ChatStripMeter() if call.strip_usage and sse else None
+        meter: Meter = stripper if stripper is not None else stream_meter(call.format, sse=sse)
         self.streamed = True
         self.started = True
         await self._send(send, {"type": "http.response.start", "status": response.status, "headers": headers})
@@ -169,15 +175,15 @@ class ProxyResponse:
             async for chunk in response.iter_chunks():
                 if self.ttfb is None:
                     self.ttfb = time.perf_counter()
-                if strip:
-                    chunk = meter.filter(chunk)
+                if stripper is not None:
+                    chunk = stripper.filter(chunk)
                 if chunk and not self.disconnected:
                     message["body"] = chunk
                     try:
                         await send(message)  # first to the client, then to the meter
                     except OSError:  # a server that raises for a client gone (ASGI 2.4)
                         self._client_left()
-                if not strip:
+                if stripper is None:
                     meter.feed(chunk)
                 if self.disconnected and meter.final:
                     return  # what the gateway read on for, after the client left; the rest goes unread
@@ -188,8 +194,8 @@ class ProxyResponse:
             return
         finally:
             # Also on a disconnect (cancellation): what was metered so far is what is charged.
-            if strip:
-                tail = meter.flush()
+            if stripper is not None:
+                tail = stripper.flush()
             else:
                 meter.finish()
             self.raw_usage, self.final, self.text_bytes = meter.raw, meter.final, meter.text_bytes
@@ -225,5 +231,5 @@ class ProxyResponse:
             upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
             ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
             client_disconnected=self.disconnected, created_at=call.created_at, held=held,
-            usage_estimated=guessed,
+            usage_estimated=guessed, owner=self.gateway.holds.owner,
         ))

@@ -1,18 +1,21 @@
-"""The LLM passthrough's long-lived parts: one connection pool per upstream, and the usage recorder.
+"""The LLM passthrough's long-lived parts: one connection pool per upstream, the hold pool and
+the usage recorder.
 
-Made and closed by the app's lifespan; handlers reach it as `app.state.llm`.
-The pools are app.proxy.client's, chosen by measurement (bench/proxy.py and the
-README): on the same raw passthrough they served about twice the requests per
-second of aiohttp's client, which served several times httpx's.
+Made and closed by the app's lifespan; handlers reach it as `services(request).llm`. The
+pools are app.proxy.client's, chosen by measurement over aiohttp's and httpx's clients
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from sqlalchemy import Engine
+
 from app.core.catalog import Catalog, CatalogError, Provider
-from app.core.db import make_engine
 from app.proxy.client import Pool
 from app.proxy.egress import proxy_for
-from app.proxy.formats import FORMATS
+from app.proxy.formats import FORMATS, Format
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import UsageRecorder
 from app.proxy.writer import ProcessWriter
@@ -38,15 +41,15 @@ def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict
     return pools
 
 
-def check(catalog: Catalog) -> None:
+def check(catalog: Catalog, formats: Mapping[str, Format] = FORMATS) -> None:
     """Each LLM model's api must be a format this gateway serves, of its provider's format."""
     for model in catalog.models.values():
         if model.is_image:
             continue
         for api in model.apis:
-            format_ = FORMATS.get(api)
+            format_ = formats.get(api)
             if format_ is None:
-                raise CatalogError(f"model {model.name!r}: api {api!r} is not one of image, {', '.join(FORMATS)}")
+                raise CatalogError(f"model {model.name!r}: api {api!r} is not one of image, {', '.join(formats)}")
             if model.provider.format != format_.provider_format:
                 raise CatalogError(f"model {model.name!r}: api {api!r} needs a provider of format "
                                    f"{format_.provider_format!r}, but {model.provider.name!r} is "
@@ -54,16 +57,15 @@ def check(catalog: Catalog) -> None:
 
 
 class LLMGateway:
-    def __init__(self, database_url: str, catalog: Catalog, *, https_proxy: str | None = None, no_proxy: str = "",
-                 drain_seconds: float = 5.0):
-        check(catalog)
+    def __init__(self, engine: Engine, database_url: str, catalog: Catalog, *, https_proxy: str | None = None,
+                 no_proxy: str = "", drain_seconds: float = 5.0):
         self.catalog = catalog
         # How long a call whose client left is read on for the upstream's usage (Settings).
         self.drain_seconds = drain_seconds
         self.https_proxy, self.no_proxy = https_proxy, no_proxy
         # Hold top-ups and renewals run as sync transactions in a worker thread: one thread
-        # hop per transaction instead of one per statement (measured 3x cheaper on SQLite).
-        self.engine = make_engine(database_url, pool_size=2)
+        # hop per transaction instead of one per statement (the web process's sync engine).
+        self.engine = engine
         # Settlements and usage records are written by a child process (app.proxy.writer).
         self.recorder = UsageRecorder(ProcessWriter(database_url))
         self.holds = HoldPool(self.engine, self.recorder)
@@ -89,4 +91,3 @@ class LLMGateway:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        self.engine.dispose()

@@ -39,7 +39,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -101,7 +101,7 @@ class HoldPool:
         self._lease = LEASE_SECONDS if lease_seconds is None else lease_seconds
         self._renew_every = RENEW_SECONDS if renew_seconds is None else renew_seconds
         self._margin = LEASE_MARGIN if lease_margin is None else lease_margin
-        self.owner = recorder.owner = new_owner()
+        self.owner = new_owner()  # whose hold rows this process's calls and releases settle
         self._owners = [self.owner]  # every owner id this process has held under
         self._renewed_at = time.monotonic()
 
@@ -169,7 +169,7 @@ class HoldPool:
         pool.trusted_until = started + self._lease - self._margin
         return got
 
-    def _expiry(self):
+    def _expiry(self) -> datetime:
         return utcnow() + timedelta(seconds=self._lease)
 
     def _hold(self, account_id: int, need: int, block: int, owner: str) -> int:
@@ -196,7 +196,7 @@ class HoldPool:
         for account_id, pool in list(self._pools.items()):
             if pool.in_flight == 0 and now - pool.used_at >= idle_for and not pool.lock.locked():
                 if pool.total:
-                    self._recorder.record(Release(account_id, pool.total))
+                    self._recorder.record(Release(account_id, pool.total, owner=self.owner))
                 del self._pools[account_id]
 
     async def renew(self) -> None:
@@ -234,7 +234,6 @@ class HoldPool:
         Calls in flight keep going; what they held is counted as released already. The old
         owner's other rows are no longer renewed and expire, as a dead process's would."""
         old, self.owner = self.owner, new_owner()
-        self._recorder.owner = self.owner
         self._owners.append(self.owner)
         log.warning("hold lease of %s was lost (not renewed in time); holding as %s from now on", old, self.owner)
         for pool in self._pools.values():

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core import money, params
 from app.core.keys import DISPLAY_CHARS
-from app.core.models import ApiKey, UsageRecord
+from app.core.models import ApiKey, UsageRecord, iso
 from app.core.pagination import decode_cursor, encode_cursor, older_than
 
 MAX_LIMIT = 1000
@@ -34,7 +37,7 @@ class Filters:
     key_prefix: str | None = None
 
 
-def parse_filters(query) -> Filters:
+def parse_filters(query: Mapping[str, str]) -> Filters:
     """`from`, `to` (dates include the whole day), `model`, `key` (an id or a key's prefix)."""
     key = query.get("key") or None
     key_id = key_prefix = None
@@ -81,9 +84,9 @@ def page(conn: Connection, account_id: int, filters: Filters, *, cursor: str | N
     return rows, encode_cursor(last.created_at, last.id) if last is not None else None
 
 
-def _row(record: UsageRecord, prefix: str | None) -> dict:
+def _row(record: Any, prefix: str | None) -> dict[str, Any]:  # a Row of the record's columns, by name
     return {
-        "id": record.id, "created_at": record.created_at.isoformat().replace("+00:00", "Z"),
+        "id": record.id, "created_at": iso(record.created_at),
         "model": record.model, "api_format": record.api_format, "stream": record.stream,
         "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
         "cached_tokens": record.cached_tokens, "reasoning_tokens": record.reasoning_tokens,
@@ -105,3 +108,18 @@ def csv_text(rows: list[dict], *, header: bool) -> str:
         writer.writerow(["" if row[c] is None else str(row[c]).lower() if isinstance(row[c], bool) else row[c]
                          for c in COLUMNS])
     return out.getvalue()
+
+
+async def csv_pages(engine: AsyncEngine, account_id: int, filters: Filters, cursor: str | None = None,
+                    batch: int = MAX_LIMIT) -> AsyncIterator[str]:
+    """The header row, then one chunk of CSV per page of `batch` records, newest first (from
+    `cursor` on). Each page is its own short read: no transaction stays open while the client
+    downloads, and a year of records never sits in memory."""
+    header = True
+    while True:
+        async with engine.connect() as conn:
+            rows, cursor = await conn.run_sync(page, account_id, filters, cursor=cursor, limit=batch)
+        yield csv_text(rows, header=header)
+        header = False
+        if cursor is None:
+            return

@@ -7,17 +7,18 @@ so the documented Hermes Agent and OpenClaw base URLs work unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from collections.abc import Iterable
+from starlette.types import Receive, Scope, Send
 
 from app.core import pagination, params
 from app.core.auth import require
 from app.core.db import UNAVAILABLE, is_outage
 from app.core.errors import API_PREFIX, APIError, server_error, unavailable
+from app.core.services import of_scope, services
 from app.proxy import calls, models_list, records
 from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
 from app.proxy.forward import ProxyResponse
@@ -38,8 +39,8 @@ class Passthrough:
         self.version = version
         self.family = format_.family
 
-    async def __call__(self, scope, receive, send) -> None:
-        state = scope["app"].state
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = of_scope(scope)
         response = None
         try:
             target = scope.get("path_params", {}).get("target", "")
@@ -62,7 +63,7 @@ class Passthrough:
 
 
 def _models(request: Request, *apis: str) -> list:
-    return request.app.state.catalog.of_api(*apis)
+    return services(request).catalog.of_api(*apis)
 
 
 async def _anthropic_models(request: Request) -> JSONResponse:
@@ -106,38 +107,26 @@ async def list_gemini_models(request: Request) -> JSONResponse:
     return await _gemini_models(request)
 
 
-async def usage(request: Request):
+async def usage(request: Request) -> Response:
     """GET /v1/usage: the key's account's records, newest first; `?format=csv` streams them all."""
     principal = await require(request)
     query = request.query_params
     filters = records.parse_filters(query)
     limit = records.parse_limit(query.get("limit"))
-    engine = request.app.state.engine
-    await request.app.state.llm.written()  # a script that calls and then lists sees its call
+    engine = services(request).engine
+    await services(request).llm.written()  # a script that calls and then lists sees its call
     if query.get("format") == "csv":
         cursor = query.get("cursor")
         if cursor:
             pagination.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
-        return StreamingResponse(_csv(engine, principal.account_id, filters, cursor), media_type="text/csv",
+        return StreamingResponse(records.csv_pages(engine, principal.account_id, filters, cursor),
+                                 media_type="text/csv",
                                  headers={"content-disposition": 'attachment; filename="usage.csv"'})
     async with engine.connect() as conn:
         rows, next_cursor = await conn.run_sync(records.page, principal.account_id, filters,
                                                 cursor=query.get("cursor"), limit=limit)
     return JSONResponse({"object": "list", "data": rows, "has_more": next_cursor is not None,
                          "next_cursor": next_cursor})
-
-
-async def _csv(engine, account_id: int, filters: records.Filters, cursor: str | None):
-    """The CSV a page at a time, so a year of records never sits in memory."""
-    header = True
-    while True:
-        async with engine.connect() as conn:
-            rows, cursor = await conn.run_sync(records.page, account_id, filters, cursor=cursor,
-                                               limit=records.MAX_LIMIT)
-        yield records.csv_text(rows, header=header)
-        header = False
-        if cursor is None:
-            return
 
 
 class Router:

@@ -6,6 +6,7 @@ is dropped and the provider's key from the catalog is set the provider's way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlencode
 
 from app.core.catalog import Provider
@@ -30,7 +31,7 @@ _DROP_RESPONSE = frozenset({
 })
 
 
-def url(provider: Provider, format_: Format, target: Target, query: list[tuple[str, str]] = ()) -> str:
+def url(provider: Provider, format_: Format, target: Target, query: Sequence[tuple[str, str]] = ()) -> str:
     """The upstream URL of a call; `query` is the client's, less its `key`."""
     path = f"{provider.base_url}{format_.upstream_path(target)}"
     params = [(k, v) for k, v in query if k != "key"]
@@ -46,7 +47,7 @@ def request_headers(client: dict[str, str], provider: Provider) -> dict[str, str
     return headers
 
 
-def response_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: Sequence[tuple[bytes, bytes]], request_id: str) -> list[tuple[bytes, bytes]]:
     """The upstream's headers as they go back (content type, request ids, rate limits, ...)."""
     out = [(name.lower(), value) for name, value in raw if name.lower() not in _DROP_RESPONSE]
     out.append((b"x-mediagate-request-id", request_id.encode()))

@@ -22,7 +22,7 @@ hand it the last batches as it shuts down, and exits when that pipe closes: also
 when the web process is killed outright.
 
 A child that dies is started again and the batch it had is sent again under the
-same id: `recorder.write` applies a batch id once, so a batch committed just
+same id: `settlement.write` applies a batch id once, so a batch committed just
 before the child died is not applied twice. Each answer says whether the database
 refused the batch (a constraint, a value: sending it again can't help) or failed
 (anything else), which is how the recorder knows to split it or to send it again.
@@ -41,6 +41,7 @@ import signal
 import struct
 import sys
 import time
+from typing import BinaryIO
 
 from app.proxy.recorder import WriteFailed
 
@@ -83,6 +84,7 @@ class ProcessWriter:
                 await asyncio.sleep(pause)
                 try:
                     process = await self._child()
+                    assert process.stdin is not None and process.stdout is not None  # made with pipes
                     process.stdin.write(_HEADER.pack(len(frame)) + frame)
                     await process.stdin.drain()
                     answered_id, error, refused = pickle.loads(await _read_frame(process.stdout))
@@ -122,10 +124,11 @@ class ProcessWriter:
         process, self._process = self._process, None
         if process is None:
             return
-        process.stdin.close()
+        if process.stdin is not None:
+            process.stdin.close()
         try:
             await asyncio.wait_for(process.wait(), timeout=STOP_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
 
@@ -135,12 +138,12 @@ async def _read_frame(stream: asyncio.StreamReader) -> bytes:
     return await stream.readexactly(size)
 
 
-def _read_exactly(stream, size: int) -> bytes | None:
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
     data = stream.read(size)
     return data if len(data) == size else None
 
 
-def _answer(answers, batch_id: str, error: str | None, refused: bool = False) -> None:
+def _answer(answers: BinaryIO, batch_id: str, error: str | None, refused: bool = False) -> None:
     answer = pickle.dumps((batch_id, error, refused), protocol=pickle.HIGHEST_PROTOCOL)
     answers.write(_HEADER.pack(len(answer)) + answer)
     answers.flush()
@@ -158,7 +161,7 @@ def main() -> None:
     from sqlalchemy.exc import DataError, IntegrityError
 
     from app.core.db import make_engine
-    from app.proxy.recorder import forget_batches, write
+    from app.proxy.settlement import forget_batches, write
 
     engine = make_engine(os.environ[DATABASE_URL_ENV], pool_size=1)
     batches = sys.stdin.buffer

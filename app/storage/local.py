@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class LocalStorage:
-    def __init__(self, root: Path, public_url: str):
+    def __init__(self, root: Path, public_url: str) -> None:
         self.root = root
         self.public_url = public_url.rstrip("/")
 

@@ -19,14 +19,15 @@ import json
 import math
 import random
 import secrets as random_ids
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Row, and_, insert, or_, select, update
 
+from app.core import taskview
 from app.core.errors import APIError
-from app.images import service as images
-from app.core.models import Account, ImageTask, WebhookAttempt, WebhookDelivery, utcnow
+from app.core.models import Account, ImageTask, WebhookAttempt, WebhookDelivery, iso, utcnow
 from app.webhooks import signing
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -34,10 +35,6 @@ JITTER = 0.2  # each retry delay is scaled by a random factor in [0.8, 1.2]
 # Redeliveries of one task's event are at least this far apart (6 a minute), and none while an
 # attempt is due or in flight: a client looping on redeliver cannot turn the gateway on its receiver.
 REDELIVERY_INTERVAL = timedelta(seconds=10)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def new_delivery_id() -> str:
@@ -53,6 +50,7 @@ def current_secret(conn: Connection, account_id: int) -> str:
         conn.execute(update(Account).where(Account.id == account_id, Account.webhook_secret.is_(None))
                      .values(webhook_secret=signing.new_secret()))
         value = conn.execute(select(Account.webhook_secret).where(Account.id == account_id)).scalar_one()
+    assert value is not None, "set just above, by this transaction or a concurrent first use"
     return value
 
 
@@ -62,7 +60,7 @@ def secret_info(conn: Connection, account_id: int) -> dict:
     expires = conn.execute(select(Account.previous_webhook_secret, Account.previous_secret_expires_at)
                            .where(Account.id == account_id)).one()
     active = expires[0] is not None and expires[1] is not None and expires[1] > utcnow()
-    return {"secret": secret, "previous_secret_expires_at": _iso(expires[1]) if active else None}
+    return {"secret": secret, "previous_secret_expires_at": iso(expires[1]) if active else None}
 
 
 def rotate(conn: Connection, account_id: int, grace_seconds: int) -> dict:
@@ -97,8 +95,8 @@ def record_event(conn: Connection, task_id: str) -> str | None:
         return None
     now = utcnow()
     event_type = f"task.{task['status']}"
-    payload = json.dumps({"type": event_type, "timestamp": _iso(task["finished_at"] or now),
-                          "data": images.render(task)}, ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps({"type": event_type, "timestamp": iso(task["finished_at"] or now),
+                          "data": taskview.render(task)}, ensure_ascii=False, separators=(",", ":"))
     delivery_id = new_delivery_id()
     conn.execute(insert(WebhookDelivery).values(
         id=delivery_id, task_id=task_id, account_id=task["account_id"], url=task["webhook_url"],
@@ -114,7 +112,7 @@ def take_due(conn: Connection, *, limit: int = 500, stale_after: float | None = 
     """Lock and return due deliveries that need a wake-up: never dispatched since they became due,
     or (with `stale_after`) dispatched longer ago than that and still not attempted."""
     now = utcnow()
-    wake = WebhookDelivery.dispatched_at.is_(None)
+    wake: ColumnElement[bool] = WebhookDelivery.dispatched_at.is_(None)
     if stale_after is not None:
         wake = or_(wake, WebhookDelivery.dispatched_at < now - timedelta(seconds=stale_after))
     stmt = (select(WebhookDelivery.id)
@@ -212,22 +210,22 @@ def finish_attempt(conn: Connection, delivery: dict, *, status_code: int | None,
 
 # API -------------------------------------------------------------------------------------------
 
-def _owned_task(conn: Connection, account_id: int, task_id: str):
+def _owned_task(conn: Connection, account_id: int, task_id: str) -> Row[str, str, str | None] | None:
     return conn.execute(select(ImageTask.id, ImageTask.status, ImageTask.webhook_url)
                         .where(ImageTask.id == task_id, ImageTask.account_id == account_id)).first()
 
 
-def _render(delivery, attempts) -> dict:
+def _render(delivery: Row[*tuple[Any, ...]], attempts: Sequence[Row[*tuple[Any, ...]]]) -> dict:
     return {
         "id": delivery.id,
         "event_type": delivery.event_type,
         "url": delivery.url,
         "status": delivery.status,
         "attempt_count": delivery.attempt_count,
-        "next_attempt_at": _iso(delivery.next_attempt_at),
-        "created_at": _iso(delivery.created_at),
-        "delivered_at": _iso(delivery.delivered_at),
-        "attempts": [{"attempted_at": _iso(a.attempted_at), "status_code": a.status_code,
+        "next_attempt_at": iso(delivery.next_attempt_at),
+        "created_at": iso(delivery.created_at),
+        "delivered_at": iso(delivery.delivered_at),
+        "attempts": [{"attempted_at": iso(a.attempted_at), "status_code": a.status_code,
                       "error": a.error, "duration_ms": a.duration_ms} for a in attempts],
     }
 
@@ -286,7 +284,7 @@ def redeliver(conn: Connection, account_id: int, task_id: str) -> dict | None:
         return None
     if not task.webhook_url:
         raise APIError(409, f"Task {task_id} has no webhook_url.", code="no_webhook_url")
-    if task.status not in images.TERMINAL:
+    if task.status not in taskview.TERMINAL:
         raise APIError(409, f"Task {task_id} is {task.status}; its event is sent when it ends.",
                        code="task_not_finished")
     now = utcnow()

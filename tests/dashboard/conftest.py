@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -80,7 +80,7 @@ def add_usage(engine, account_id: int, *, model: str = "gpt-4o", cost: int = 100
     values = dict(id=record_id, account_id=account_id, api_key_id=key_id, model=model, api_format="chat",
                   stream=False, input_tokens=12, output_tokens=34, cached_tokens=0, reasoning_tokens=0,
                   usage_reported=True, cost=cost, upstream_status=200, latency_ms=120, ttfb_ms=80,
-                  client_disconnected=False, created_at=at or datetime.now(timezone.utc))
+                  client_disconnected=False, created_at=at or datetime.now(UTC))
     values.update(fields)
     with engine.begin() as conn:
         conn.execute(UsageRecord.__table__.insert().values(**values))
@@ -93,7 +93,7 @@ def add_task(engine, account_id: int, *, model: str = "local-image", charge: int
     from app.core.models import ImageTask
 
     task_id = "media_" + secrets.token_hex(12)
-    now = at or datetime.now(timezone.utc)
+    now = at or datetime.now(UTC)
     values = dict(id=task_id, account_id=account_id, model=model, prompt="a red fox in the snow", size="1:1",
                   resolution="1k", n=1, image_urls=[], charge=charge, status=status, refunded=refunded,
                   created_at=now, updated_at=now)

@@ -22,8 +22,8 @@ from playwright.sync_api import expect, sync_playwright
 from sqlalchemy import select
 
 from app.core import money
-from app.images.dimensions import dimensions
 from app.core.models import Account, LedgerEntry, UsageRecord
+from app.images.dimensions import dimensions
 from tests.conftest import CATALOG, LLM_UPSTREAM, ROOT, wait_for_task
 from tests.servers import ThreadedServer
 
@@ -126,7 +126,8 @@ def test_dashboard_flow(live, browser, worker, client, make_user, make_account, 
     sign_in(page, base, user.email, user.password)
     expect(page).to_have_url(base + "/dashboard/")
     expect(page.locator("#tz-name")).to_have_text("Asia/Tokyo")
-    assert {"name": "tz", "value": "Asia/Tokyo"}.items() <= next(c for c in context.cookies() if c["name"] == "tz").items()
+    tz_cookie = next(c for c in context.cookies() if c["name"] == "tz")
+    assert {"name": "tz", "value": "Asia/Tokyo"}.items() <= tz_cookie.items()
     session_cookie = next(c for c in context.cookies() if c["name"] == "mediagate_session")
     assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Lax"
 
@@ -321,7 +322,7 @@ def test_dashboard_flow(live, browser, worker, client, make_user, make_account, 
 
 
 def live_public_url(client) -> str:
-    return client.app.state.settings.public_url
+    return client.app.state.services.settings.public_url
 
 
 def _usage_id(engine, account_id: int) -> str | None:

@@ -41,7 +41,7 @@ def test_set_password_refuses_a_mismatch_or_a_short_one(engine, make_account, mo
     acc = make_account()
     for answers in (["one long password", "another long one"], ["short", "short"]):
         replies = iter(answers)
-        monkeypatch.setattr("getpass.getpass", lambda prompt="": next(replies))
+        monkeypatch.setattr("getpass.getpass", lambda prompt="", replies=replies: next(replies))
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["accounts", "set-password", acc.email])
         assert "mediagate:" in str(exit_info.value)

@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from app.core import money
 from app.core.models import Account, ApiKey, LedgerEntry, WebhookAttempt, WebhookDelivery
+from app.dashboard import sessions
 from tests.dashboard.conftest import PASSWORD, add_task, csrf_of, sign_in
 
 
@@ -61,7 +62,7 @@ def test_account_without_password_cannot_sign_in(web, make_account):
 
 def test_login_is_rate_limited(web, make_user):
     target = make_user()
-    web.app.state.login_limiter = None  # a fresh limiter for this test's counts
+    web.app.state.services.limiter = sessions.LoginLimiter()  # a fresh limiter for this test's counts
     page = web.get("/dashboard/login")
     token = csrf_of(page.text)
     for _ in range(5):
@@ -71,7 +72,7 @@ def test_login_is_rate_limited(web, make_user):
     assert limited.status_code == 429 and "Too many failed sign-ins" in limited.text
     assert int(limited.headers["retry-after"]) > 0
     assert web.get("/dashboard/", follow_redirects=False).status_code == 303  # even the right password waits
-    web.app.state.login_limiter = None
+    web.app.state.services.limiter = sessions.LoginLimiter()
 
 
 def test_forms_without_a_csrf_token_are_refused(web, signed_in, engine):
@@ -163,17 +164,17 @@ def test_another_accounts_task_is_not_shown(web, signed_in, make_account, engine
 
 
 def test_gallery_shows_each_webhook_delivery(web, signed_in, engine):
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     task_id = add_task(engine, signed_in.id, webhook_url="https://hooks.example.com/mediagate")
     with engine.begin() as conn:
         conn.execute(WebhookDelivery.__table__.insert().values(
             id="msg_dash1", task_id=task_id, account_id=signed_in.id, url="https://hooks.example.com/mediagate",
             event_type="task.completed", payload="{}", status="pending", attempt_count=2,
-            created_at=datetime.now(timezone.utc)))
+            created_at=datetime.now(UTC)))
         for code in (500, 503):
             conn.execute(WebhookAttempt.__table__.insert().values(
-                delivery_id="msg_dash1", status_code=code, duration_ms=12, attempted_at=datetime.now(timezone.utc)))
+                delivery_id="msg_dash1", status_code=code, duration_ms=12, attempted_at=datetime.now(UTC)))
     gallery = web.get("/dashboard/tasks").text
     assert "webhook pending · 503" in gallery
     detail = web.get(f"/dashboard/tasks/{task_id}").text
@@ -209,11 +210,11 @@ def test_webhook_secret_on_request_and_rotation(web, signed_in, engine):
 
 def test_models_page_lists_the_catalog_and_base_urls(web, signed_in, app):
     page = web.get("/dashboard/models").text
-    public = app.state.settings.public_url
+    public = app.state.services.settings.public_url
     assert f"{public}/llm-api/v1</code>" in page
     assert f"{public}/llm-api/api.openai.com/v1</code>" in page
     assert f"{public}/llm-api/anthropic</code>" in page
-    for model in app.state.catalog.models.values():
+    for model in app.state.services.catalog.models.values():
         assert f'data-model="{model.name}"' in page
     assert "1k: $0.001" in page and "4k: $0.048" in page  # local-image and gpt-image-2
     assert "2k: $0.02" in page and "4k: $0.02" not in page  # narrow-image has no 4k
@@ -258,7 +259,7 @@ def test_thumbnails_are_made_once_and_cached(web, signed_in, engine, app):
 
     from PIL import Image
 
-    storage, settings = app.state.storage, app.state.settings
+    storage, settings = app.state.services.storage, app.state.services.settings
     task_key = "media_" + "ab" * 12
     png = io.BytesIO()
     Image.new("RGB", (1600, 900), "teal").save(png, "PNG")

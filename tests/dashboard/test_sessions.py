@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import func, insert, select
 from starlette.testclient import TestClient
 
-from app.core import accounts
 from app import cli
-from app.dashboard import sessions
+from app.core import accounts
 from app.core.models import DashboardSession, utcnow
+from app.dashboard import sessions
 from tests.dashboard.conftest import User, csrf_of, sign_in
 
 
@@ -69,7 +69,7 @@ def test_signed_in_sessions_are_rows_keyed_by_a_hash_and_strangers_have_none(web
 
     assert sign_in(web, user).status_code == 303
     [row] = _rows(engine, user.id)
-    token = web.app.state.dashboard_signer.loads(web.cookies.get(sessions.COOKIE)).token
+    token = web.app.state.services.signer.loads(web.cookies.get(sessions.COOKIE)).token
     assert row.id == accounts.session_id(token) != token  # the token itself is stored nowhere
     assert row.revoked_at is None and row.created_at.tzinfo is not None
     assert row.expires_at - row.created_at == timedelta(seconds=sessions.MAX_AGE)
@@ -139,9 +139,10 @@ def test_finished_sessions_are_deleted_a_day_later(make_account, engine):
 @pytest.fixture
 def limiter(app):
     """A fresh limiter with small budgets: 2 failures per address and email, 4 per address, 5 per email."""
-    app.state.login_limiter = sessions.LoginLimiter(per_pair=2, per_address=4, per_email=5)
-    yield app.state.login_limiter
-    app.state.login_limiter = None
+    found = app.state.services
+    before, found.limiter = found.limiter, sessions.LoginLimiter(per_pair=2, per_address=4, per_email=5)
+    yield found.limiter
+    found.limiter = before
 
 
 def _fail(client: TestClient, email: str) -> int:

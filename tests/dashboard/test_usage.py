@@ -6,18 +6,18 @@ import csv
 import io
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
 from app.core import keys, money
-from app.dashboard import export, queries
-from app.proxy import records
 from app.core.models import ApiKey, UsageRecord
+from app.dashboard import queries
+from app.proxy import records
 from tests.dashboard.conftest import add_task, add_usage
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def _rows(html: str) -> list[str]:
@@ -30,7 +30,7 @@ def _csv(response) -> list[dict]:
     assert response.headers["content-disposition"].startswith('attachment; filename="mediagate-usage-')
     reader = csv.reader(io.StringIO(response.text))
     assert next(reader) == list(records.COLUMNS)
-    return [dict(zip(records.COLUMNS, row)) for row in reader]
+    return [dict(zip(records.COLUMNS, row, strict=True)) for row in reader]
 
 
 def _second_key(engine, account_id: int) -> tuple[int, int]:
@@ -88,7 +88,7 @@ def test_csv_export_rows_are_exact(web, signed_in, engine):
     record = add_usage(engine, signed_in.id, model="gpt-5.4", key_id=key_b, api_format="responses", stream=True,
                        input_tokens=1234, output_tokens=567, cached_tokens=1000, reasoning_tokens=89,
                        cost=4_372_501, upstream_status=200, latency_ms=812, ttfb_ms=None,
-                       client_disconnected=True, at=datetime(2025, 5, 4, 3, 2, 1, tzinfo=timezone.utc))
+                       client_disconnected=True, at=datetime(2025, 5, 4, 3, 2, 1, tzinfo=UTC))
     add_usage(engine, signed_in.id, model="gpt-4o", key_id=key_a)
     response = web.get("/dashboard/usage.csv?model=gpt-5.4")
     rows = _csv(response)
@@ -122,7 +122,7 @@ def test_csv_streams_in_pages(web, signed_in, engine, settings):
     async def chunks() -> list[str]:
         async_engine = make_async_engine(settings.database_url, pool_size=1)
         try:
-            return [c async for c in export.csv_chunks(async_engine, signed_in.id, records.Filters(), batch=1000)]
+            return [c async for c in records.csv_pages(async_engine, signed_in.id, records.Filters(), batch=1000)]
         finally:
             await async_engine.dispose()
 
@@ -137,14 +137,14 @@ def test_csv_streams_in_pages(web, signed_in, engine, settings):
 def test_spend_by_local_day_and_model(engine, make_account):
     acc = make_account()
     tokyo = ZoneInfo("Asia/Tokyo")
-    now = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)  # 21:00 on March 10 in Tokyo
+    now = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)  # 21:00 on March 10 in Tokyo
     # 01:00 on March 10 in Tokyo, still March 9 in UTC: today, in Tokyo.
-    add_usage(engine, acc.id, model="gpt-4o", cost=1_000, at=datetime(2025, 3, 9, 16, 0, tzinfo=timezone.utc))
-    add_usage(engine, acc.id, model="gpt-4o", cost=20_000, at=datetime(2025, 3, 4, 0, 0, tzinfo=timezone.utc))
-    add_task(engine, acc.id, model="local-image", charge=300_000, at=datetime(2025, 3, 3, 14, 0, tzinfo=timezone.utc))
+    add_usage(engine, acc.id, model="gpt-4o", cost=1_000, at=datetime(2025, 3, 9, 16, 0, tzinfo=UTC))
+    add_usage(engine, acc.id, model="gpt-4o", cost=20_000, at=datetime(2025, 3, 4, 0, 0, tzinfo=UTC))
+    add_task(engine, acc.id, model="local-image", charge=300_000, at=datetime(2025, 3, 3, 14, 0, tzinfo=UTC))
     add_task(engine, acc.id, model="local-image", charge=999_000, refunded=True, status="failed",
-             at=datetime(2025, 3, 9, 20, 0, tzinfo=timezone.utc))  # refunded: not spend
-    add_usage(engine, acc.id, model="gpt-4o", cost=5_000_000, at=datetime(2025, 2, 1, tzinfo=timezone.utc))
+             at=datetime(2025, 3, 9, 20, 0, tzinfo=UTC))  # refunded: not spend
+    add_usage(engine, acc.id, model="gpt-4o", cost=5_000_000, at=datetime(2025, 2, 1, tzinfo=UTC))
     with engine.connect() as conn:
         spend = queries.spend(conn, acc.id, tokyo, now)
         utc = queries.spend(conn, acc.id, ZoneInfo("UTC"), now)
@@ -158,9 +158,9 @@ def test_spend_by_local_day_and_model(engine, make_account):
 def test_spend_days_across_a_dst_change(engine, make_account):
     acc = make_account()
     new_york = ZoneInfo("America/New_York")
-    now = datetime(2025, 3, 20, 15, 0, tzinfo=timezone.utc)
+    now = datetime(2025, 3, 20, 15, 0, tzinfo=UTC)
     # 23:30 on March 9 in New York (EDT began at 02:00 that day): March 9, not March 10.
-    add_usage(engine, acc.id, cost=7, at=datetime(2025, 3, 10, 3, 30, tzinfo=timezone.utc))
+    add_usage(engine, acc.id, cost=7, at=datetime(2025, 3, 10, 3, 30, tzinfo=UTC))
     with engine.connect() as conn:
         spend = queries.spend(conn, acc.id, new_york, now)
     day = [d.isoformat() for d in spend["days"]].index("2025-03-09")

@@ -367,7 +367,7 @@ class FakeLLMUpstream:
         try:
             await asyncio.wait_for(gone(), seconds)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _whole(self, send, fmt, status, body, p: Plan):

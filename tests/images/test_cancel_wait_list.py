@@ -172,7 +172,8 @@ def test_list_is_newest_first_and_pages_by_cursor(client, listed, make_account):
     account, ids = listed
     seen, cursor = [], None
     while True:
-        r = client.get("/v1/tasks", headers=account.headers, params={"limit": 3, **({"cursor": cursor} if cursor else {})})
+        r = client.get("/v1/tasks", headers=account.headers,
+                       params={"limit": 3, **({"cursor": cursor} if cursor else {})})
         assert r.status_code == 200, r.text
         page = r.json()
         assert len(page["data"]) <= 3

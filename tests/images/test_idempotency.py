@@ -162,9 +162,9 @@ def test_the_loser_of_an_insert_race_answers_with_the_winners_task(engine, make_
 
     from app.core.auth import Principal
     from app.core.catalog import load
+    from app.core.settings import get_settings
     from app.images import service
     from app.images.validation import parse
-    from app.core.settings import get_settings
 
     settings = get_settings()
     request, _ = parse(BODY, load(settings.catalog_path, settings.env))

@@ -1,4 +1,7 @@
-"""Fixtures for the LLM passthrough: the gateway on a real loopback port (the fake upstream, `llm_upstream`, is in tests/conftest.py)."""
+"""Fixtures for the LLM passthrough: the gateway on a real loopback port.
+
+The fake upstream, `llm_upstream`, is in tests/conftest.py.
+"""
 
 from __future__ import annotations
 

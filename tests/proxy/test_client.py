@@ -12,7 +12,8 @@ import ssl
 
 import pytest
 
-from app.proxy.client import HIGH_WATER, Pool, UpstreamError, UpstreamTimeout
+from app.proxy.client import Pool, UpstreamError, UpstreamTimeout
+from app.proxy.connection import HIGH_WATER
 from tests.servers import free_port, pipe
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
@@ -198,7 +199,7 @@ def test_a_kept_alive_connection_closed_while_idle_is_sent_again():
 
 def test_a_reused_connection_closed_late_is_not_sent_again(monkeypatch):
     """Closed well after the request went out, the upstream may have begun the work: no resend."""
-    monkeypatch.setattr("app.proxy.client.STALE_WITHIN", 0.1)
+    monkeypatch.setattr("app.proxy.connection.STALE_WITHIN", 0.1)
 
     async def handler(server, reader, writer, n):
         await server.read_request(reader)

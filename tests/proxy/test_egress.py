@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.proxy.egress import EgressProxy, proxy_for
 from app.core.settings import Settings
+from app.proxy.egress import EgressProxy, proxy_for
 
 
 def test_the_egress_proxy_is_for_https_upstreams_not_named_in_no_proxy():

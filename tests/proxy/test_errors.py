@@ -172,7 +172,8 @@ def test_an_upstream_silent_past_its_timeout_is_504_and_costs_nothing(base, make
     account = make_account()
     name = f"silent-{account.id}"
     response = httpx.post(base + "/v1/chat/completions", headers=account.headers, timeout=10,
-                          json={"model": "slow-chat", "messages": [{"role": "user", "content": f"hi [wait:3000] [tag:{name}]"}]})
+                          json={"model": "slow-chat",
+                                "messages": [{"role": "user", "content": f"hi [wait:3000] [tag:{name}]"}]})
     assert_openai_error(response, 504, "upstream_timeout")
     assert llm_upstream.closed[name].wait(5)  # and the upstream request was closed
     record = usage_rows(engine, account.id)[0]

@@ -15,7 +15,8 @@ from sqlalchemy import select
 from app.core import ledger
 from app.core.models import LedgerEntry, LLMHold, utcnow
 from app.proxy.holds import HoldPool
-from app.proxy.recorder import Release, UsageRecorder
+from app.proxy.recorder import UsageRecorder
+from app.proxy.settlement import Release
 from app.proxy.writer import ProcessWriter
 from tests.proxy.conftest import money_state, url_of, usage_rows
 from tests.servers import ThreadedServer
@@ -38,7 +39,7 @@ async def running(engine, **options):
 
 def end_call(pool: HoldPool, recorder: UsageRecorder, account_id: int, amount: int) -> None:
     """What the proxy does when a call ends: the pool lets go, the recorder releases it (with no cost here)."""
-    recorder.record(Release(account_id, pool.finish(account_id, amount)))
+    recorder.record(Release(account_id, pool.finish(account_id, amount), owner=pool.owner))
 
 
 def test_a_small_balance_is_shared_out_exactly(make_account, engine):
@@ -255,7 +256,8 @@ def test_a_stalled_process_that_lost_its_lease_releases_nothing_twice(make_accou
             assert await pool.take(account.id, 4_000)
             assert pool.owner != first_owner
             assert money_state(engine, account.id)[1] == 4_000
-            assert not await pool.take(account.id, 6_001)  # 10,000 - 4,000 free: the sweep's 6,000 is not promised twice
+            # 10,000 - 4,000 free: the sweep's 6,000 is not promised twice
+            assert not await pool.take(account.id, 6_001)
             end_call(pool, recorder, account.id, 6_000)
             await recorder.flush()
             assert money_state(engine, account.id)[1] == 4_000

@@ -12,6 +12,17 @@ from app.core.catalog import Model, Provider
 from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, read_answer, stream_meter
 from app.proxy.meters import ChatStripMeter
 from app.proxy.pricing import Usage, cost, estimate, estimated
+from tests.fakes.llm import (
+    Plan,
+    chat_body,
+    chat_events,
+    gemini_body,
+    gemini_events,
+    messages_body,
+    messages_events,
+    responses_body,
+    responses_events,
+)
 
 
 def normalize(api: str, raw: dict) -> Usage:
@@ -22,18 +33,16 @@ def from_body(api: str, body: bytes) -> tuple[dict | None, int]:
     return read_answer(FORMATS[api], body)
 
 
-def meter_for(api: str, *, strip: bool = False, sse: bool = True):
-    return stream_meter(FORMATS[api], sse=sse, strip=strip)
-from tests.fakes.llm import (Plan, chat_body, chat_events, gemini_body, gemini_events, messages_body, messages_events,
-                             responses_body, responses_events)
+def meter_for(api: str, *, sse: bool = True):
+    return stream_meter(FORMATS[api], sse=sse)
 
 PLAN = Plan(b"[in:1000] [out:50] [cached:200] [reasoning:20] [cw5m:300] [cw1h:100] [chunks:4]")
 PROVIDER = Provider("p", "openai", "http://x")
 
 
 def model(input_usd: str, output_usd: str, cached_usd: str | None = None) -> Model:
-    return Model(name="m", provider=PROVIDER, apis=("chat",), upstream_model="m", input_per_mtok=money.from_usd(input_usd),
-                 output_per_mtok=money.from_usd(output_usd),
+    return Model(name="m", provider=PROVIDER, apis=("chat",), upstream_model="m",
+                 input_per_mtok=money.from_usd(input_usd), output_per_mtok=money.from_usd(output_usd),
                  cached_input_per_mtok=money.from_usd(cached_usd) if cached_usd else None)
 
 

@@ -81,7 +81,8 @@ def test_include_usage_is_added_upstream_and_its_chunk_hidden(base, account, llm
 
 
 def test_request_body_goes_up_unchanged_but_for_the_model(base, account, llm_upstream):
-    body = b'{"model" :  "qwen-max",\n "messages": [{"role": "user", "content": "caf\xc3\xa9 \\u00e9 [out:3]"}], "n": 1}'
+    body = (b'{"model" :  "qwen-max",\n '
+            b'"messages": [{"role": "user", "content": "caf\xc3\xa9 \\u00e9 [out:3]"}], "n": 1}')
     response = httpx.post(base + "/v1/chat/completions", headers=account.headers, content=body)
     assert response.status_code == 200
     assert llm_upstream.last("/chat/completions")["body"] == body.replace(b'"qwen-max"', b'"qwen-max-2025-01-25"')

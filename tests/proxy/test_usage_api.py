@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -15,7 +15,7 @@ from app.core.models import UsageRecord
 from app.proxy.records import COLUMNS
 from tests.proxy.conftest import usage_rows
 
-START = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def add_records(engine, account_id: int, key_id: int, count: int, *, model: str = "gpt-4o", start=START,
@@ -91,7 +91,7 @@ def test_csv_streams_every_matching_record_with_a_header(client, funded, engine)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     rows = list(csv.reader(io.StringIO(response.text)))
     assert tuple(rows[0]) == COLUMNS and len(rows) == 1 + 1203
-    newest = dict(zip(COLUMNS, rows[1]))
+    newest = dict(zip(COLUMNS, rows[1], strict=True))
     assert newest["id"] == ids[-1] and newest["cost"] == "0.001235769" and newest["stream"] == "true"
     assert newest["key_prefix"] == account.key[:12]
     limited = client.get("/v1/usage", headers=account.headers,

@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 
 from app.core import money
 from app.core.models import UsageBatch, UsageRecord, time_ordered_id, utcnow
-from app.proxy.recorder import Entry, Release, UsageRecorder, WriteFailed, forget_batches, write
+from app.proxy.recorder import UsageRecorder, WriteFailed
+from app.proxy.settlement import Entry, Release, forget_batches, write
 from app.proxy.writer import ProcessWriter
 from tests.proxy.conftest import money_state, url_of
 from tests.servers import pipe
@@ -150,9 +151,9 @@ def test_a_batch_reported_failed_after_it_was_committed_is_not_written_again(mak
     async def scenario():
         writer = ProcessWriter(url_of(engine), command=[sys.executable, "-m", "tests.proxy.faulty_writer", "fail",
                                                         str(marker)])
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
-        for item in (entry(account.id), Release(account.id, 7_000), entry(account.id), entry(account.id)):
+        for item in (entry(account.id), Release(account.id, 7_000, owner=OWNER), entry(account.id), entry(account.id)):
             recorder.record(item)
         await recorder.stop()
 
@@ -177,7 +178,7 @@ def test_a_batch_the_database_refuses_fails_whole_and_the_recorder_writes_the_re
                 await writer.write(time_ordered_id("ub_"), [entry(account.id), bad])
             assert failed.value.refused  # a constraint: sending it again would not help
             assert money_state(engine, account.id)[1] == 3 * HELD  # rolled back: nothing released
-            recorder = UsageRecorder(writer, owner=OWNER)
+            recorder = UsageRecorder(writer)
             recorder.start()
             for item in (entry(account.id), bad, entry(account.id)):
                 recorder.record(item)
@@ -196,9 +197,9 @@ def test_releases_without_calls_go_through_the_writer(make_account, engine):
     hold(engine, account.id, 7_000)
 
     async def scenario():
-        recorder = UsageRecorder(ProcessWriter(url_of(engine)), owner=OWNER)
+        recorder = UsageRecorder(ProcessWriter(url_of(engine)))
         recorder.start()
-        recorder.record(Release(account.id, 7_000))
+        recorder.record(Release(account.id, 7_000, owner=OWNER))
         await recorder.stop()
 
     asyncio.run(scenario())
@@ -234,7 +235,7 @@ class _GatedWriter(_Writer):
 def test_health_says_when_the_writer_stalls_or_fails():
     async def scenario():
         writer = _GatedWriter()
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
         assert recorder.health(stalled_after=0.05) == "ok"  # nothing waiting
         recorder.record(entry(1))
@@ -275,7 +276,7 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
 
     async def scenario():
         writer = RefusesBatchesThenIsLost()
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
         for _ in range(3):
             recorder.record(entry(1))
@@ -288,13 +289,13 @@ def test_a_writer_lost_while_items_are_written_one_by_one_gives_up_the_rest_at_o
 
 
 def test_healthz_is_degraded_while_the_usage_writer_fails(llm_upstream, make_account, engine):
-    from starlette.testclient import TestClient
-
     from dataclasses import replace
 
-    from app.http.app import create_app
+    from starlette.testclient import TestClient
+
     from app.core.models import ApiKey
     from app.core.settings import get_settings
+    from app.http.app import create_app
     from tests.proxy.conftest import usage_rows
 
     account = make_account()
@@ -331,7 +332,7 @@ def test_a_flush_under_steady_traffic_ends_with_the_next_batch():
 
     async def scenario():
         writer = SlowWriter()
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
 
         recorded: list[str] = []
@@ -377,7 +378,7 @@ class _FailingWriter(_Writer):
 
 def _recorded(writer: _Writer, items: list, **patience) -> UsageRecorder:
     async def scenario():
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
         for item in items:
             recorder.record(item)
@@ -429,7 +430,7 @@ def test_a_batch_is_given_up_before_its_id_could_be_forgotten(monkeypatch, caplo
     writer = _FailingWriter(failures=None)
 
     async def scenario():
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
         recorder.record(entry(1))
         started = time.monotonic()
@@ -481,7 +482,7 @@ def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_b
         server = await asyncio.start_server(relay, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         writer = ProcessWriter(url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False))
-        recorder = UsageRecorder(writer, owner=OWNER)
+        recorder = UsageRecorder(writer)
         recorder.start()
         for _ in range(3):
             recorder.record(entry(account.id))

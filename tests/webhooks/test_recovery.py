@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from app.images import lifecycle
 from app.core.models import WebhookDelivery, utcnow
+from app.images import lifecycle
 from app.webhooks import service
 from tests.taskrows import parked_task
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -22,7 +22,7 @@ def test_signature_matches_the_reference_library():
     secret = signing.new_secret()
     body = '{"type":"task.completed","data":{"prompt":"一只猫"}}'
     ours = signing.sign(secret, "msg_abc", 1674087231, body)
-    theirs = Webhook(secret).sign("msg_abc", datetime.fromtimestamp(1674087231, tz=timezone.utc), body)
+    theirs = Webhook(secret).sign("msg_abc", datetime.fromtimestamp(1674087231, tz=UTC), body)
     assert ours == theirs and ours.startswith("v1,")
 
 

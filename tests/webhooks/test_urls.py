@@ -40,8 +40,8 @@ def strict_client(database):
     """The gateway as deployed: private addresses not allowed."""
     from starlette.testclient import TestClient
 
-    from app.http.app import create_app
     from app.core.settings import Settings
+    from app.http.app import create_app
 
     settings = Settings.from_env({**os.environ, "MEDIAGATE_ALLOW_PRIVATE_URLS": "0"})
     with TestClient(create_app(settings)) as client:
@@ -165,11 +165,12 @@ def test_reference_download_rechecks_redirects(loopback, fake_dns):
 
 def test_webhook_to_a_private_address_is_refused_by_the_worker(engine, account, loopback):
     """The worker's own check: a delivery row pointing at loopback is never connected to."""
-    from app.images import lifecycle
+    from sqlalchemy import select, update
+
     from app.core.models import WebhookDelivery
     from app.core.settings import Settings
+    from app.images import lifecycle
     from app.webhooks import service
-    from sqlalchemy import select, update
     from tests.taskrows import parked_task
     from workers import webhooks
     from workers.context import WorkerContext

@@ -6,17 +6,16 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from app.images import outbox
 from app.core import ledger
 from app.core.auth import Principal
-from app.images import lifecycle, service
-from app.images.validation import parse
 from app.core.models import ImageTask, LedgerEntry, utcnow
+from app.images import lifecycle, outbox, service
+from app.images.validation import parse
 
 
 def _task(engine, app, account, dispatched_ago: float) -> str:
     """A pending task marked dispatched in its own transaction, so the running relay leaves it alone."""
-    request, _ = parse({"model": "gpt-image-2", "prompt": "recovery"}, app.state.catalog)
+    request, _ = parse({"model": "gpt-image-2", "prompt": "recovery"}, app.state.services.catalog)
     with engine.begin() as conn:
         task_id = service.submit(conn, Principal(account.id, None), request)["task_id"]
         conn.execute(update(ImageTask).where(ImageTask.id == task_id)

@@ -34,7 +34,7 @@ class ImageJob:
 class BackendError(Exception):
     transient = False
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -33,7 +33,7 @@ def request_body(job: ImageJob) -> dict:
 
 
 class GeminiBackend:
-    def __init__(self, provider: Provider, http: httpx.Client):
+    def __init__(self, provider: Provider, http: httpx.Client) -> None:
         self.provider = provider
         self.http = http
         self.headers = {"x-goog-api-key": provider.api_key} if provider.api_key else {}

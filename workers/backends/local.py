@@ -22,10 +22,10 @@ class LocalBackend:
         width, height = job.width, job.height
         # A vertical gradient between two colours taken from the prompt's hash.
         column = Image.new("RGB", (1, 256))
-        for y in range(256):
-            t = y / 255
-            column.putpixel((0, y), tuple(int(a + (b - a) * t) for a, b in zip(top, bottom)))
-        image = column.resize((width, height), Image.BILINEAR)
+        for row in range(256):
+            t = row / 255
+            column.putpixel((0, row), tuple(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
+        image = column.resize((width, height), Image.Resampling.BILINEAR)
         draw = ImageDraw.Draw(image)
         for i in range(8):  # a few shapes, placed by the hash
             x, y = digest[8 + i] / 255 * width, digest[16 + i] / 255 * height

@@ -26,7 +26,7 @@ def openai_size(job: ImageJob) -> str:
 
 
 class OpenAIBackend:
-    def __init__(self, provider: Provider, http: httpx.Client):
+    def __init__(self, provider: Provider, http: httpx.Client) -> None:
         self.provider = provider
         self.http = http
         self.headers = {"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {}
