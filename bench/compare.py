@@ -29,6 +29,11 @@ from bench.proxy import BODY, CATALOG, free_port, measure, serve, stop
 PREPARE = "import os; from bench.proxy import prepare_gateway; print(prepare_gateway(dict(os.environ)))"
 
 
+def factory_of(checkout: Path) -> str:
+    """The app factory's import path in a checkout (it moved from app.main to app.http.app)."""
+    return "app.http.app:create_app" if (checkout / "app" / "http" / "app.py").exists() else "app.main:create_app"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkouts", nargs="+", metavar="NAME=DIR")
@@ -56,7 +61,7 @@ def main() -> None:
             key = subprocess.run([sys.executable, "-c", PREPARE], cwd=directory, env=own, check=True,
                                  capture_output=True, text=True).stdout.split()[-1]
             port = free_port()
-            procs.append(serve("app.http.app:create_app", port, own, factory=True, cwd=Path(directory)))
+            procs.append(serve(factory_of(Path(directory)), port, own, factory=True, cwd=Path(directory)))
             targets[name] = (f"http://127.0.0.1:{port}/llm-api/v1/chat/completions", procs[-1], f"Bearer {key}")
         body = BODY % (b',"stream":true' if args.stream else b"")
         runs: dict[str, list[dict]] = {name: [] for name in targets}
