@@ -140,4 +140,4 @@ def test_the_check_finds_a_cycle_and_a_layer_turned_round():
     assert layer_of("app.core.money") < layer_of("app.proxy.forward") < layer_of("app.http.app")
     graph = imports(modules())
     assert "app.core.models" in graph["app.core.ledger"]  # imports are read at all
-    assert "app.proxy.gateway" not in graph["app.core.services"]  # TYPE_CHECKING imports are not
+    assert "app.proxy.services" not in graph["app.core.services"]  # TYPE_CHECKING imports are not

@@ -265,11 +265,10 @@ def test_past_the_connection_cap_a_client_gets_a_clear_503() -> None:
         assert httpx.get(served.url + "/", timeout=5).text == "ok"
 
 
-def test_a_flood_past_the_cap_is_cut_without_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_flood_past_the_cap_is_cut_without_lingering() -> None:
     # Answered refusals hold a descriptor for a moment each; past MAX_LINGERING of them at once,
     # further ones are cut at once, so a flood can't use up the process's reserve.
-    monkeypatch.setattr("app.http.serving.MAX_LINGERING", 3)
-    with serve(ConnectionLimits(header_timeout=60, body_timeout=60, max_connections=5)) as (served, _):
+    with serve(ConnectionLimits(header_timeout=60, body_timeout=60, max_connections=5, max_lingering=3)) as (served, _):
         idle = [socket.create_connection(("127.0.0.1", served.port)) for _ in range(5)]
         deadline = time.monotonic() + 5
         while len(served.server.server_state.connections) < 5 and time.monotonic() < deadline:

@@ -7,10 +7,15 @@ not these: the proxy passes them through untouched.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 from starlette.responses import JSONResponse
+
+from app.core.db import UNAVAILABLE, OutageLog, is_outage
+
+log = logging.getLogger(__name__)
 
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 # Every API route is served at the root and under this prefix (the hosted service's layout).
@@ -93,6 +98,17 @@ def unavailable() -> APIError:
 def server_error() -> APIError:
     return APIError(500, "The gateway failed unexpectedly. Check your task list or usage before you retry.",
                     code="internal_error", type="server_error")
+
+
+def answer_unexpected(error: BaseException, outage: OutageLog, where: str) -> APIError:
+    """The answer to an exception no handler expected: a 503 when the database is unavailable
+    (logged once per outage), else a 500, logged with its traceback. The app's handlers and the
+    passthrough's front-door endpoints both answer with it."""
+    if isinstance(error, UNAVAILABLE) and is_outage(error):
+        outage.failed(error, where)
+        return unavailable()
+    log.error("unhandled error on %s", where, exc_info=error)
+    return server_error()
 
 
 def family_for(path: str, headers: Mapping[str, str] | None = None, query: str = "") -> str:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the types only: the services above core are built by app.ht
     from app.core.auth import Authenticator
     from app.core.broker import Broker
     from app.dashboard.sessions import LoginLimiter, Signer
-    from app.proxy.gateway import LLMGateway
+    from app.proxy.services import LLMServices
     from app.storage.base import Storage
 
 
@@ -48,7 +48,7 @@ class Services:
     pg_pool: AsyncConnectionPool | None
     auth: Authenticator
     broker: Broker
-    llm: LLMGateway
+    llm: LLMServices
     storage: Storage
     outage: OutageLog
     signer: Signer  # the dashboard's session cookies

@@ -6,11 +6,12 @@ from decimal import Decimal
 
 from app.core import money
 from app.core.catalog import Catalog, Model
+from app.core.errors import API_PREFIX
 from app.proxy.formats import FORMATS as LLM_FORMATS
 
 # Examples of the models each format serves, as the hosted docs give them.
 EXAMPLES = {"chat": "GPT-4o, Qwen, DeepSeek, GLM", "responses": "GPT-5.x", "messages": "Claude", "gemini": "Gemini"}
-IMAGES = ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image models", "/llm-api/v1",
+IMAGES = ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image models", API_PREFIX + "/v1",
           "POST /v1/images/generations, GET /v1/tasks/{task_id}")
 
 

@@ -18,7 +18,7 @@ from app.http.lifespan import lifespan
 from app.images import routes as image_routes
 from app.proxy import routes as proxy_routes
 from app.proxy.formats import FORMATS
-from app.proxy.gateway import check
+from app.proxy.services import check
 from app.webhooks import routes as webhook_routes
 
 

@@ -8,8 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 
-from app.core.db import UNAVAILABLE, is_outage
-from app.core.errors import APIError, family_for, server_error, unavailable
+from app.core.errors import APIError, answer_unexpected, family_for
 from app.core.services import services
 
 log = logging.getLogger(__name__)
@@ -38,21 +37,13 @@ async def gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
-async def database_error(request: Request, exc: Exception) -> Response:
-    if not is_outage(exc):  # a statement failed (a deadlock, a bug): a 500, logged as one
-        return await internal_error(request, exc)
-    services(request).outage.failed(exc, f"{request.method} {request.url.path}")
-    error = unavailable()
-    if request.url.path.startswith("/dashboard"):
+async def unexpected(request: Request, exc: Exception) -> Response:
+    """A 503 while the database is unavailable, else a 500 (app.core.errors.answer_unexpected)."""
+    error = answer_unexpected(exc, services(request).outage, f"{request.method} {request.url.path}")
+    if error.status == 503 and request.url.path.startswith("/dashboard"):
         return PlainTextResponse("The dashboard's database is unavailable. Try again in a few seconds.\n",
                                  status_code=503, headers=error.headers)
     return error.response(_family(request))
 
 
-async def internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return server_error().response(_family(request))
-
-
-HANDLERS = {APIError: api_error, HTTPException: http_error, ClientDisconnect: gone,
-            **{kind: database_error for kind in UNAVAILABLE}, Exception: internal_error}
+HANDLERS = {APIError: api_error, HTTPException: http_error, ClientDisconnect: gone, Exception: unexpected}

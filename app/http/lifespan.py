@@ -18,7 +18,7 @@ from app.core.db import OutageLog, make_async_engine, make_engine, open_psycopg_
 from app.core.services import Services
 from app.core.settings import Settings
 from app.dashboard import sessions
-from app.proxy.gateway import LLMGateway
+from app.proxy.services import LLMServices
 
 # Last-used times of API keys are written in a batch this often.
 KEY_USE_FLUSH_SECONDS = 30.0
@@ -58,7 +58,7 @@ async def start(settings: Settings, catalog: Catalog) -> Services:
     sync_engine = make_engine(settings.database_url, pool_size=2)
     broker = Broker(settings)
     broker.start()
-    llm = LLMGateway(sync_engine, settings.database_url, catalog, https_proxy=settings.https_proxy,
+    llm = LLMServices(sync_engine, settings.database_url, catalog, https_proxy=settings.https_proxy,
                      no_proxy=settings.no_proxy, drain_seconds=settings.usage_drain_seconds)
     found = Services(
         settings=settings, catalog=catalog, engine=engine, sync_engine=sync_engine,

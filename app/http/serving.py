@@ -75,6 +75,7 @@ class ConnectionLimits:
     header_timeout: float
     body_timeout: float
     max_connections: int
+    max_lingering: int = MAX_LINGERING  # refused connections answered at once, at most
 
 
 class _Phase(enum.Enum):
@@ -143,7 +144,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.limits.max_connections
         if cap > 0 and len(self.connections) >= cap:
-            if _lingering[0] >= MAX_LINGERING:
+            if _lingering[0] >= self.limits.max_lingering:
                 # A flood past the cap: answering each would hold a descriptor for REFUSED_LINGER
                 # seconds, and the reserve for the database and storage with it. Cut it at once.
                 _refusals.add(self.loop.time())

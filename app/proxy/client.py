@@ -33,7 +33,7 @@ import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from app.proxy.connection import Connection, Stale, UpstreamError, UpstreamTimeout
+from app.proxy.connection import STALE_WITHIN, Connection, Stale, UpstreamError, UpstreamTimeout
 from app.proxy.egress import EgressProxy
 
 __all__ = ["Pool", "Response", "UpstreamError", "UpstreamTimeout"]
@@ -103,7 +103,7 @@ class Pool:
 
     def __init__(self, base_url: str, *, connect_timeout: float, read_timeout: float | None,
                  ssl_context: ssl.SSLContext | None = None, keepalive: float = KEEPALIVE,
-                 proxy: str | None = None):
+                 proxy: str | None = None, stale_within: float = STALE_WITHIN):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -119,6 +119,7 @@ class Pool:
         self.proxy = EgressProxy(proxy, f"{host}:{self.port}") if proxy else None
         if self.proxy and not https:
             raise ValueError("an egress proxy is used for https upstreams only")
+        self.stale_within = stale_within  # a reused connection closed this soon with no byte back is resent
         self._idle: list[Connection] = []  # the newest last
         self.loop: asyncio.AbstractEventLoop | None = None
         self._origin = f"{parts.scheme}://{parts.netloc}"
@@ -194,11 +195,11 @@ class Pool:
             async with asyncio.timeout(self.connect_timeout):
                 if self.proxy is not None:
                     assert self.ssl is not None  # an egress proxy serves https upstreams only
-                    conn = Connection(loop)
+                    conn = Connection(loop, self.stale_within)
                     conn.transport = await self.proxy.connect(loop, conn, self.ssl, self.host)
                     return conn
                 _, conn = await loop.create_connection(
-                    lambda: Connection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: Connection(loop, self.stale_within), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except TimeoutError:
             raise UpstreamTimeout(f"no connection to {self.authority} within {self.connect_timeout:g} s") from None

@@ -39,8 +39,9 @@ class Stale(UpstreamError):
 class Connection(asyncio.Protocol):
     """One connection, one exchange at a time; fed by the event loop, read by a `Response`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, stale_within: float = STALE_WITHIN):
         self.loop = loop
+        self.stale_within = stale_within
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -95,7 +96,7 @@ class Connection(asyncio.Protocol):
         if self.head_done and not self.complete and not self._framed and self.error is None and exc is None:
             self.on_message_complete()  # a body delimited by the close
         elif not self.complete:
-            if not self.received and self.used and self.loop.time() - self.sent_at < STALE_WITHIN:
+            if not self.received and self.used and self.loop.time() - self.sent_at < self.stale_within:
                 self._fail(Stale("the upstream closed a kept-alive connection"))
             else:
                 self._fail(UpstreamError("the upstream closed the connection before the answer was complete"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from app.core.errors import ANTHROPIC, OPENAI, invalid
+from app.core.errors import ANTHROPIC, API_PREFIX, OPENAI, invalid
 from app.core.errors import GEMINI as GEMINI_FAMILY
 from app.proxy import meters
 from app.proxy.pricing import Usage
@@ -173,7 +173,7 @@ class Format:
     # Chat Completions: a stream reports usage only if asked; the gateway asks, and hides the answer.
     asks_for_usage: bool = False
     # Dashboard: what clients configure as their base URL, and the endpoints they call.
-    base_path: str = "/llm-api/v1"
+    base_path: str = API_PREFIX + "/v1"
     endpoint: str = ""
     examples: str = ""
     array_meter: Callable[[], meters.Meter] | None = None  # Gemini: its stream without alt=sse
@@ -195,21 +195,21 @@ FORMATS: dict[str, Format] = {format_.api: format_ for format_ in (
         upstream_path=lambda target: "/chat/completions", max_output=_chat_max_output,
         usage_field="usage", normalize=_chat_usage, meter=meters.ChatMeter,
         body_text=frozenset({"content", "reasoning_content", "reasoning", "refusal", "arguments"}),
-        asks_for_usage=True, base_path="/llm-api/v1", endpoint="POST /v1/chat/completions"),
+        asks_for_usage=True, base_path=API_PREFIX + "/v1", endpoint="POST /v1/chat/completions"),
     Format(
         api=RESPONSES, label="OpenAI Responses", family=OPENAI, provider_format="openai",
         paths=("/v1/responses", "/api.openai.com/v1/responses"),
         upstream_path=lambda target: "/responses", max_output=_responses_max_output,
         usage_field="usage", normalize=_responses_usage, meter=meters.ResponsesMeter,
         body_text=frozenset({"text", "arguments"}),
-        base_path="/llm-api/api.openai.com/v1", endpoint="POST /v1/responses"),
+        base_path=API_PREFIX + "/api.openai.com/v1", endpoint="POST /v1/responses"),
     Format(
         api=MESSAGES, label="Anthropic Messages", family=ANTHROPIC, provider_format="anthropic",
         paths=("/v1/messages", "/anthropic/v1/messages"),
         upstream_path=lambda target: "/v1/messages", max_output=_messages_max_output,
         usage_field="usage", normalize=_messages_usage, meter=meters.MessagesMeter,
         body_text=frozenset({"text", "thinking"}), not_found=lambda name, version: f"model: {name}",
-        base_path="/llm-api/anthropic", endpoint="POST /v1/messages"),
+        base_path=API_PREFIX + "/anthropic", endpoint="POST /v1/messages"),
     Format(
         api=GEMINI, label="Gemini", family=GEMINI_FAMILY, provider_format="gemini", paths=(),
         path_prefixes=(("/v1beta/models/", "v1beta"), ("/v1/models/", "v1")),
@@ -218,7 +218,7 @@ FORMATS: dict[str, Format] = {format_.api: format_ for format_ in (
         meter=meters.GeminiSSEMeter, array_meter=meters.GeminiArrayMeter, body_text=frozenset({"text"}),
         not_found=lambda name, version: (f"models/{name} is not found for API version {version}, "
                                          "or is not offered by this gateway."),
-        stream_method="streamGenerateContent", base_path="/llm-api",
+        stream_method="streamGenerateContent", base_path=API_PREFIX,
         endpoint="POST /v1beta/models/{model}:generateContent, :streamGenerateContent"),
 )}
 GEMINI_METHODS = ("generateContent", "streamGenerateContent")

@@ -23,10 +23,10 @@ from app.proxy import upstream
 from app.proxy.calls import Call
 from app.proxy.client import Response, UpstreamError
 from app.proxy.formats import read_answer, stream_meter
-from app.proxy.gateway import LLMGateway
 from app.proxy.meters import ChatStripMeter, Meter
 from app.proxy.pricing import Usage, cost, estimated
 from app.proxy.recorder import Entry
+from app.proxy.services import LLMServices
 
 log = logging.getLogger(__name__)
 # How long a call runs before the gateway watches for its client's disconnect. A client that
@@ -35,9 +35,9 @@ WATCH_AFTER = 0.02
 
 
 class ProxyResponse:
-    def __init__(self, call: Call, gateway: LLMGateway, family: str):
+    def __init__(self, call: Call, llm: LLMServices, family: str):
         self.call = call
-        self.gateway = gateway
+        self.llm = llm
         self.family = family  # the error shape of the gateway's own errors
         self.status: int | None = None
         self.raw_usage: dict | None = None
@@ -90,7 +90,7 @@ class ProxyResponse:
         if self.done or self.disconnected:
             return
         self.disconnected = True
-        drain = self.gateway.drain_seconds
+        drain = self.llm.drain_seconds
         if self.answered and drain > 0 and self._task is not None:
             self._drain_timer = asyncio.get_running_loop().call_later(drain, self._task.cancel)
         elif self._task is not None:
@@ -107,7 +107,7 @@ class ProxyResponse:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
-        pool = self.gateway.pool(call.model.provider)
+        pool = self.llm.pool(call.model.provider)
         response = None
         try:
             response = await pool.post(call.url, call.headers, call.body)
@@ -220,8 +220,8 @@ class ProxyResponse:
         usage, guessed = self._usage()
         ended = time.perf_counter()
         # What to release in the database: the call's hold, unless it went with a lost lease.
-        held = self.gateway.holds.finish(call.principal.account_id, call.held) if call.held else 0
-        self.gateway.recorder.record(Entry(
+        held = self.llm.holds.finish(call.principal.account_id, call.held) if call.held else 0
+        self.llm.recorder.record(Entry(
             id=call.id, account_id=call.principal.account_id, api_key_id=call.principal.key_id,
             model=call.model.name, api_format=call.format.api, stream=call.stream or self.streamed,
             input_tokens=usage.input_tokens if usage else 0, output_tokens=usage.output_tokens if usage else 0,
@@ -231,5 +231,5 @@ class ProxyResponse:
             upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
             ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
             client_disconnected=self.disconnected, created_at=call.created_at, held=held,
-            usage_estimated=guessed, owner=self.gateway.holds.owner,
+            usage_estimated=guessed, owner=self.llm.holds.owner,
         ))

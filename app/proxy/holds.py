@@ -51,10 +51,9 @@ log = logging.getLogger(__name__)
 
 # A top-up holds room for this many calls like the one asking; a busy pool's
 # blocks double up to the maximum, so a steady stream of calls rarely waits on the database.
-# A top-up runs in a thread, and its Python half holds the GIL the event loop needs: at 4,000
-# calls a second, 256-call blocks meant 16 top-ups a second, and 4096-call blocks (about one a
-# second) served about a tenth more calls (bench/proxy.py, non-streaming). The cap below, a
-# quarter of the free balance, still keeps blocks small wherever the balance is small.
+# A top-up runs in a thread, and its Python half holds the GIL the event loop needs: big blocks
+# mean few top-ups under load (docs/performance.md has what 256- and 4096-call blocks served).
+# The cap below, a quarter of the free balance, still keeps blocks small wherever the balance is.
 BLOCK_CALLS, MAX_BLOCK_CALLS = 16, 4096
 # Beyond what the asking call needs, a block takes at most 1/BLOCK_SHARE of the free balance.
 BLOCK_SHARE = 4
@@ -93,9 +92,11 @@ class _Pool:
 
 class HoldPool:
     def __init__(self, engine: Engine, recorder: UsageRecorder, *, lease_seconds: float | None = None,
-                 renew_seconds: float | None = None, lease_margin: float | None = None):
+                 renew_seconds: float | None = None, lease_margin: float | None = None,
+                 idle_seconds: float = IDLE_SECONDS):
         self._engine = engine
         self._recorder = recorder
+        self.idle_seconds = idle_seconds  # an unused pool goes back to the balance after this long
         self._pools: dict[int, _Pool] = {}
         self._sweeper: asyncio.Task | None = None
         self._lease = LEASE_SECONDS if lease_seconds is None else lease_seconds
@@ -188,10 +189,10 @@ class HoldPool:
         return amount - lost
 
     def give_back(self, *, idle_for: float | None = None) -> None:
-        """Hand back pools unused for `idle_for` seconds (default IDLE_SECONDS; 0: all idle ones).
+        """Hand back pools unused for `idle_for` seconds (default `idle_seconds`; 0: all idle ones).
 
         The hold row stays, at zero; no longer renewed, the sweep removes it."""
-        idle_for = IDLE_SECONDS if idle_for is None else idle_for
+        idle_for = self.idle_seconds if idle_for is None else idle_for
         now = time.monotonic()
         for account_id, pool in list(self._pools.items()):
             if pool.in_flight == 0 and now - pool.used_at >= idle_for and not pool.lock.locked():
@@ -262,7 +263,7 @@ class HoldPool:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(min(IDLE_SECONDS / 2, self._renew_every))
+            await asyncio.sleep(min(self.idle_seconds / 2, self._renew_every))
             self.give_back()
             if time.monotonic() - self._renewed_at >= self._renew_every:
                 try:

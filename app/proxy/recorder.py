@@ -71,8 +71,10 @@ class Writer(Protocol):
 
 
 class UsageRecorder:
-    def __init__(self, writer: Writer):
+    def __init__(self, writer: Writer, *, max_pause: float = MAX_PAUSE, resend_for: float = RESEND_FOR,
+                 stop_patience: float = STOP_PATIENCE):
         self._writer = writer
+        self._max_pause, self._resend_for, self._stop_patience = max_pause, resend_for, stop_patience
         self._queue: asyncio.Queue[Entry | Release | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -201,8 +203,8 @@ class UsageRecorder:
         return written
 
     async def _send(self, batch_id: str, items: list[Entry | Release]) -> Outcome:
-        """Send `items` under `batch_id` until written, refused, or failing for RESEND_FOR
-        (STOP_PATIENCE at stop); raises when the writer can't tell whether it wrote them."""
+        """Send `items` under `batch_id` until written, refused, or failing for `resend_for`
+        seconds (`stop_patience` at stop); raises when the writer can't tell whether it wrote them."""
         started, attempt = time.monotonic(), 0
         while True:
             try:
@@ -211,9 +213,9 @@ class UsageRecorder:
             except WriteFailed as failure:
                 if failure.refused:
                     return Outcome.REFUSED
-                if time.monotonic() - started >= (STOP_PATIENCE if self._stopping else RESEND_FOR):
+                if time.monotonic() - started >= (self._stop_patience if self._stopping else self._resend_for):
                     return Outcome.GIVEN_UP
-                pause = min(0.1 * 2 ** min(attempt, 10), MAX_PAUSE)
+                pause = min(0.1 * 2 ** min(attempt, 10), self._max_pause)
                 # The traceback once: an outage would otherwise log one every few seconds.
                 log.warning("writing %d usage records failed; trying again in %.1f s", len(items), pause,
                             exc_info=attempt == 0)

@@ -16,8 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.core import pagination, params
 from app.core.auth import require
-from app.core.db import UNAVAILABLE, is_outage
-from app.core.errors import API_PREFIX, APIError, server_error, unavailable
+from app.core.errors import API_PREFIX, APIError, answer_unexpected
 from app.core.services import of_scope, services
 from app.proxy import calls, models_list, records
 from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
@@ -54,12 +53,9 @@ class Passthrough:
         except Exception as exc:
             if response is not None and response.started:
                 raise  # the server ends the broken response
-            if isinstance(exc, UNAVAILABLE) and is_outage(exc):  # auth or the hold could not be had
-                state.outage.failed(exc, f"{scope['method']} {scope['path']}")
-                await unavailable().response(self.family)(scope, receive, send)
-                return
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            await server_error().response(self.family)(scope, receive, send)
+            # The database away (auth or the hold could not be had), or a bug: as the app's handler.
+            answer = answer_unexpected(exc, state.outage, f"{scope['method']} {scope['path']}")
+            await answer.response(self.family)(scope, receive, send)
 
 
 def _models(request: Request, *apis: str) -> list:

@@ -122,7 +122,11 @@ def take_due(conn: Connection, *, limit: int = 500, stale_after: float | None = 
     if task_id is not None:
         stmt = stmt.where(WebhookDelivery.task_id == task_id)
     if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
+        # The sweep's scan skips rows another transaction has locked: a sweeper beside it takes
+        # them. A wake-up for one task waits instead: the lock may be a redelivery refused a
+        # moment ago (PostgreSQL keeps a row locked by an UPDATE whose condition failed on
+        # recheck until that transaction ends), and skipping would lose the wake-up until the sweep.
+        stmt = stmt.with_for_update(skip_locked=task_id is None)
     return list(conn.execute(stmt).scalars())
 
 

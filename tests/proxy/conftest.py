@@ -41,11 +41,11 @@ def _close_sdk_clients(monkeypatch):
 def gateway(database, llm_upstream):
     """The app served by uvicorn on loopback, as SDKs and agents reach it."""
     from app.http.app import create_app
-    from app.proxy import holds
 
-    holds.IDLE_SECONDS = 0.3  # idle hold pools go back quickly, so tests see `held` return to zero soon
-
-    with ThreadedServer(create_app(), log_level="critical", limit_concurrency=2000, backlog=2048) as server:
+    app = create_app()
+    with ThreadedServer(app, log_level="critical", limit_concurrency=2000, backlog=2048) as server:
+        # Idle hold pools go back quickly, so tests see `held` return to zero soon.
+        app.state.services.llm.holds.idle_seconds = 0.3
         yield server
 
 

@@ -27,7 +27,7 @@ def test_the_egress_proxy_is_for_https_upstreams_not_named_in_no_proxy():
 
 def test_each_providers_pool_gets_the_proxy_its_url_calls_for():
     from app.core import catalog
-    from app.proxy.gateway import make_pools
+    from app.proxy.services import make_pools
 
     offered = catalog.parse("""
 [providers.openai]

@@ -378,7 +378,7 @@ class _FailingWriter(_Writer):
 
 def _recorded(writer: _Writer, items: list, **patience) -> UsageRecorder:
     async def scenario():
-        recorder = UsageRecorder(writer)
+        recorder = UsageRecorder(writer, **patience)
         recorder.start()
         for item in items:
             recorder.record(item)
@@ -388,11 +388,10 @@ def _recorded(writer: _Writer, items: list, **patience) -> UsageRecorder:
     return asyncio.run(scenario())
 
 
-def test_a_batch_goes_again_under_its_id_while_the_database_is_away(monkeypatch):
-    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.2)
+def test_a_batch_goes_again_under_its_id_while_the_database_is_away():
     items = [entry(1) for _ in range(3)]
     writer = _FailingWriter(failures=6)  # more than the old five tries per item allowed
-    recorder = _recorded(writer, items)
+    recorder = _recorded(writer, items, max_pause=0.2)
     assert writer.written == [item.id for item in items]  # nothing given up, nothing split
     assert len({batch_id for batch_id, _ in writer.sent}) == 1 and len(writer.sent) == 7
     assert recorder.health() == "ok"
@@ -408,13 +407,11 @@ def test_what_the_database_refuses_is_given_up_at_once_and_the_rest_written():
     assert recorder.health().startswith("failing:")
 
 
-def test_at_stop_a_batch_the_database_keeps_failing_is_given_up_in_time(monkeypatch, caplog):
-    monkeypatch.setattr("app.proxy.recorder.STOP_PATIENCE", 0.5)
-    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.1)
+def test_at_stop_a_batch_the_database_keeps_failing_is_given_up_in_time(caplog):
     writer = _FailingWriter(failures=None)
     started = time.monotonic()
     with caplog.at_level(logging.ERROR):
-        _recorded(writer, [entry(1)])
+        _recorded(writer, [entry(1)], stop_patience=0.5, max_pause=0.1)
     assert time.monotonic() - started < 3 and writer.written == []
     assert "the database failing too long" in caplog.text
 
@@ -425,12 +422,10 @@ def test_a_batch_is_given_up_before_its_id_could_be_forgotten(monkeypatch, caplo
     from app.proxy import recorder as recorder_module
 
     assert recorder_module.RESEND_FOR < recorder_module.KEEP_BATCH_IDS.total_seconds()
-    monkeypatch.setattr("app.proxy.recorder.RESEND_FOR", 0.5)
-    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.1)
     writer = _FailingWriter(failures=None)
 
     async def scenario():
-        recorder = UsageRecorder(writer)
+        recorder = UsageRecorder(writer, resend_for=0.5, max_pause=0.1)
         recorder.start()
         recorder.record(entry(1))
         started = time.monotonic()
@@ -459,10 +454,8 @@ def test_the_child_tells_an_unreachable_database_from_a_refusal():
 
 
 @pytest.mark.skipif(not os.environ.get("MEDIAGATE_TEST_DATABASE_URL"), reason="a PostgreSQL server to cut off")
-def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_back(make_account, engine,
-                                                                                   monkeypatch):
+def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_back(make_account, engine):
     """The writer reaches PostgreSQL through a loopback relay the test cuts and restores."""
-    monkeypatch.setattr("app.proxy.recorder.MAX_PAUSE", 0.2)
     account = make_account(balance="1")
     hold(engine, account.id, 3 * HELD)
     url = engine.url
@@ -482,7 +475,7 @@ def test_calls_recorded_while_postgresql_is_unreachable_are_written_once_it_is_b
         server = await asyncio.start_server(relay, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         writer = ProcessWriter(url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False))
-        recorder = UsageRecorder(writer)
+        recorder = UsageRecorder(writer, max_pause=0.2)
         recorder.start()
         for _ in range(3):
             recorder.record(entry(account.id))

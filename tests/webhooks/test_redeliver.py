@@ -3,10 +3,12 @@ attempt is due or in flight, and at most one every REDELIVERY_INTERVAL; 429 past
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from app.core.models import WebhookDelivery, utcnow
@@ -117,3 +119,28 @@ def test_the_first_event_made_by_a_redelivery_counts_too(client, account, receiv
     first = _redeliver(client, account, task_id)  # the task has no delivery row yet: redeliver makes it
     assert first.status_code == 202, first.text
     _assert_limited(_redeliver(client, account, task_id))
+
+
+@pytest.mark.skipif(not os.environ.get("MEDIAGATE_TEST_DATABASE_URL"), reason="PostgreSQL's row locks")
+def test_a_wake_up_for_one_task_waits_for_a_row_another_transaction_holds(account, engine):
+    # 100 redeliveries at once: the losers' UPDATEs keep the row locked a moment after their
+    # condition fails, and the winner's wake-up must not skip it (it then waited for the sweep).
+    import threading
+
+    from app.webhooks import service
+    from tests.taskrows import parked_task
+
+    task_id = parked_task(engine, account, webhook_url="http://127.0.0.1:9/hook", status="completed")
+    with engine.begin() as conn:
+        delivery_id = service.record_event(conn, task_id)
+    published: list[list[str]] = []
+    with engine.connect() as blocker:
+        transaction = blocker.begin()
+        blocker.execute(select(WebhookDelivery.id).where(WebhookDelivery.id == delivery_id).with_for_update())
+        woken = threading.Thread(target=lambda: service.dispatch(engine, published.append, task_id=task_id))
+        woken.start()
+        time.sleep(0.5)
+        assert published == []  # waiting for the row, not past it
+        transaction.rollback()
+    woken.join(10)
+    assert published == [[delivery_id]]

@@ -56,7 +56,7 @@ def check(catalog: Catalog, formats: Mapping[str, Format] = FORMATS) -> None:
                                    f"{model.provider.format!r}")
 
 
-class LLMGateway:
+class LLMServices:
     def __init__(self, engine: Engine, database_url: str, catalog: Catalog, *, https_proxy: str | None = None,
                  no_proxy: str = "", drain_seconds: float = 5.0):
         self.catalog = catalog
