@@ -121,7 +121,7 @@ def family_for(path: str, headers: Mapping[str, str] | None = None, query: str =
         return ANTHROPIC
     if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
         return GEMINI
-    if path == "/v1/models" and headers is not None:
+    if (path == "/v1/models" or path.startswith("/v1/models/")) and headers is not None:
         if "anthropic-version" in headers:
             return ANTHROPIC
         if "x-goog-api-key" in headers or parse_qs(query).get("key"):

@@ -191,7 +191,8 @@ class Format:
 FORMATS: dict[str, Format] = {format_.api: format_ for format_ in (
     Format(
         api=CHAT, label="OpenAI Chat Completions", family=OPENAI, provider_format="openai",
-        paths=("/v1/chat/completions",),
+        # Also under the Responses base URL: clients set up for GPT-5 on it call chat completions there too.
+        paths=("/v1/chat/completions", "/api.openai.com/v1/chat/completions"),
         upstream_path=lambda target: "/chat/completions", max_output=_chat_max_output,
         usage_field="usage", normalize=_chat_usage, meter=meters.ChatMeter,
         body_text=frozenset({"content", "reasoning_content", "reasoning", "refusal", "arguments"}),

@@ -16,10 +16,11 @@ from starlette.types import Receive, Scope, Send
 
 from app.core import pagination, params
 from app.core.auth import require
+from app.core.catalog import Model
 from app.core.errors import API_PREFIX, APIError, answer_unexpected
 from app.core.services import of_scope, services
 from app.proxy import calls, models_list, records
-from app.proxy.formats import CHAT, GEMINI, MESSAGES, RESPONSES, Format
+from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, Format
 from app.proxy.forward import ProxyResponse
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,39 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 async def list_responses_models(request: Request) -> JSONResponse:
+    """GET /api.openai.com/v1/models: every model on OpenAI's formats (Chat Completions, Responses)."""
     await require(request)
-    return JSONResponse(models_list.openai(_models(request, RESPONSES)))
+    return JSONResponse(models_list.openai(_models(request, CHAT, RESPONSES)))
+
+
+def _one(request: Request, apis: tuple[str, ...]) -> Model:
+    """The model named in the path, offered on one of `apis`; else a 404 (in the route's shape)."""
+    name = request.path_params["model_id"].removeprefix("models/")
+    model = services(request).catalog.get(name, apis)
+    if model is None:
+        raise APIError(404, FORMATS[apis[0]].not_found(name, "v1beta"), code="model_not_found", param="model")
+    return model
+
+
+async def get_model(request: Request) -> JSONResponse:
+    """GET /v1/models/{id}: one model, in OpenAI's shape; Anthropic's for Anthropic clients
+    (`anthropic-version`), Gemini's for Google's (its key in `x-goog-api-key` or `?key=`)."""
+    if "anthropic-version" in request.headers:
+        return await get_anthropic_model(request)
+    if "x-goog-api-key" in request.headers or "key" in request.query_params:
+        return await get_gemini_model(request)
+    await require(request)
+    return JSONResponse(models_list.openai_model(_one(request, (CHAT, RESPONSES))))
+
+
+async def get_anthropic_model(request: Request) -> JSONResponse:
+    await require(request)
+    return JSONResponse(models_list.anthropic_model(_one(request, (MESSAGES,))))
+
+
+async def get_gemini_model(request: Request) -> JSONResponse:
+    await require(request, google=True)
+    return JSONResponse(models_list.gemini_model(_one(request, (GEMINI,))))
 
 
 async def list_anthropic_models(request: Request) -> JSONResponse:
@@ -159,6 +191,10 @@ class Router:
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/api.openai.com/v1/models", list_responses_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+    Route("/api.openai.com/v1/models/{model_id:path}", get_model, methods=["GET"]),
+    Route("/anthropic/v1/models/{model_id:path}", get_anthropic_model, methods=["GET"]),
+    Route("/v1beta/models/{model_id:path}", get_gemini_model, methods=["GET"]),
     Route("/anthropic/models", list_anthropic_models, methods=["GET"]),
     Route("/anthropic/v1/models", list_anthropic_models, methods=["GET"]),
     Route("/v1beta/models", list_gemini_models, methods=["GET"]),

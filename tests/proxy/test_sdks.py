@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import anthropic
 import openai
+import pytest
 from google import genai
 from google.genai import types
 
@@ -100,8 +101,29 @@ def test_openai_models_lists(base, account):
     ids = [m.id for m in chat.models.list()]
     assert "gpt-4o" in ids and "qwen-max" in ids
     assert "gpt-5.4" not in ids and "claude-sonnet-4-6" not in ids and "local-image" not in ids
+    # Under the Responses base URL: every model on OpenAI's formats (a client set up there calls both).
     responses = openai.OpenAI(api_key=account.key, base_url=base + "/api.openai.com/v1")
-    assert [m.id for m in responses.models.list()] == ["gpt-5.4"]
+    listed = [m.id for m in responses.models.list()]
+    assert "gpt-5.4" in listed and "gpt-4o" in listed and "claude-sonnet-4-6" not in listed
+
+
+def test_openai_models_retrieve(base, account):
+    for root in ("/v1", "/api.openai.com/v1"):
+        client = openai.OpenAI(api_key=account.key, base_url=base + root)
+        model = client.models.retrieve("gpt-4o")
+        assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "llm-openai")
+        assert client.models.retrieve("gpt-5.4").id == "gpt-5.4"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("no-such-model")
+        assert missing.value.body["code"] == "model_not_found"
+
+
+def test_chat_completions_under_the_responses_base_url(base, account, engine, llm_upstream):
+    # Hermes Agent with the hosted docs' GPT-5 config sends chat completions to this base URL.
+    client = openai.OpenAI(api_key=account.key, base_url=base + "/api.openai.com/v1")
+    reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}])
+    assert reply.choices[0].message.content == TEXT
+    check_record(engine, account, model="gpt-4o", api="chat", stream=False, cost=GPT4O_COST)
 
 
 def test_anthropic_messages_hermes_base_url(base, account, engine, llm_upstream):
@@ -144,6 +166,17 @@ def test_anthropic_models_list(base, account):
     assert [m.id for m in client.models.list()] == ["claude-sonnet-4-6", "slow-claude"]
 
 
+def test_anthropic_models_retrieve(base, account):
+    # Hermes asks for the model to learn its context window: under /anthropic, and at /v1/models/{id}.
+    for root in (base + "/anthropic", base):
+        client = anthropic.Anthropic(api_key=account.key, base_url=root)
+        model = client.models.retrieve("claude-sonnet-4-6")
+        assert (model.id, model.type) == ("claude-sonnet-4-6", "model")
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            client.models.retrieve("gpt-4o")  # not a Messages model
+        assert missing.value.body["type"] == "error"
+
+
 def gemini_client(base, key, version=None) -> genai.Client:
     return genai.Client(api_key=key, http_options=types.HttpOptions(base_url=base + "/", api_version=version))
 
@@ -169,6 +202,12 @@ def test_gemini_generate_content_stream_v1beta(base, account, engine, llm_upstre
     assert sent["query"] == "alt=sse"
     check_record(engine, account, model="gemini-2.5-flash", api="gemini", stream=True, cost=GEMINI_COST,
                  output_tokens=70)
+
+
+def test_gemini_models_get(base, account):
+    client = gemini_client(base, account.key, "v1beta")
+    model = client.models.get(model="gemini-2.5-flash")
+    assert model.name == "models/gemini-2.5-flash" and model.output_token_limit == 65536
 
 
 def test_gemini_models_list(base, account):
