@@ -47,7 +47,7 @@ def _first_start_account() -> None:
 
 
 def _worker_argv(extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO", *extra]
+    return [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "--loglevel", "INFO", *extra]
 
 
 def _die_with_parent() -> None:
@@ -96,7 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_beat(args: argparse.Namespace) -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.tasks", "beat",
                               "--loglevel", "INFO", *args.celery_args])
 
 

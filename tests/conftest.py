@@ -331,7 +331,7 @@ class Worker:
     def start(self) -> Worker:
         self.log = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
-        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel", "INFO",
+        argv = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "--loglevel", "INFO",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", *self.extra]
         env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -163,7 +163,7 @@ def test_nothing_is_lost_under_crashes(chaos_db, fake_images):
         return worker
 
     beat_log = open(data_dir / "beat.log", "ab")
-    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel",
+    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.tasks", "beat", "--loglevel",
                              "INFO", "--schedule", str(data_dir / "beat-schedule")], cwd=ROOT,
                             env={**os.environ, **env}, stdout=beat_log, stderr=subprocess.STDOUT)
     try:

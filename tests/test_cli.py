@@ -70,11 +70,11 @@ def test_worker_and_beat_pass_their_arguments_to_celery(monkeypatch: pytest.Monk
     monkeypatch.setattr(os, "execv", lambda path, args: execs.append(args))  # no Celery is started
     main([command, *argv])
     (args,) = execs
-    assert args[:6] == [sys.executable, "-m", "celery", "-A", "workers.celery_app", command]
+    assert args[:6] == [sys.executable, "-m", "celery", "-A", "workers.tasks", command]
     assert args[6:] == ["--loglevel", "INFO", "--concurrency", "4", "-Q", "images"]  # no literal `--`
     execs.clear()
     main([command])
-    assert execs == [[sys.executable, "-m", "celery", "-A", "workers.celery_app", command, "--loglevel", "INFO"]]
+    assert execs == [[sys.executable, "-m", "celery", "-A", "workers.tasks", command, "--loglevel", "INFO"]]
 
 
 def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFixture[str]) -> None:

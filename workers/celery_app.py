@@ -35,6 +35,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-# `celery -A workers.celery_app` loads this module: a worker process reads its settings here, once.
+# A worker process reads its settings here, once. `celery -A workers.tasks` loads the tasks,
+# which import this app and register themselves on it.
 celery = make_celery(get_settings())
-celery.autodiscover_tasks(["workers"], related_name="tasks", force=True)

@@ -15,6 +15,7 @@ from app.core import outbound
 from app.core.catalog import Catalog, Provider
 from app.core.db import make_engine
 from app.core.settings import Settings, get_settings
+from app.proxy.formats import check
 from workers.backends import make_backend
 from workers.backends.base import ImageBackend
 
@@ -39,10 +40,12 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
+        catalog = catalog_module.load(settings.catalog_path, settings.env)
+        check(catalog)  # the same catalog the web process checks: a worker refuses what it would
         return cls(
             settings=settings,
             engine=make_engine(settings.database_url, pool_size=settings.db_pool_size),
-            catalog=catalog_module.load(settings.catalog_path, settings.env),
+            catalog=catalog,
             storage=storage_module.from_settings(settings),
             http=httpx.Client(
                 timeout=httpx.Timeout(settings.backend_timeout, connect=10.0),

@@ -4,6 +4,9 @@ The database is the source of truth: a message is a wake-up that says "look at t
 Losing one loses nothing (the sweep sends another), and a duplicate is harmless (workers
 claim by compare-and-set). The web process publishes through a `Broker` made in its
 lifespan; the worker's Celery app (workers.celery_app) uses the same names and options.
+
+Celery processes load `workers.tasks` (`celery -A workers.tasks`), which imports the app
+and registers the tasks on it: no module of the app names the tasks' module back.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ DELIVER = "webhooks.deliver"
 SWEEP = "maintenance.sweep"
 DISPATCH = "maintenance.dispatch"
 
-# The embedded default's transport: a folder in the data dir (workers/embedded_broker.py).
-TRANSPORT_ALIASES.setdefault("mediagate-fs", "workers.embedded_broker:Transport")
+# The embedded default's transport: a folder in the data dir (app/core/embedded_broker.py).
+TRANSPORT_ALIASES.setdefault("mediagate-fs", "app.core.embedded_broker:Transport")
 
 Publish = Callable[[list[str]], None]
 
@@ -86,6 +89,10 @@ class Broker:
     def start(self) -> None:
         self.relay.start()
 
+    def wake(self) -> None:
+        """After a submit commits: the relay wakes a worker to dispatch (at most one message per gap)."""
+        self.relay.wake()
+
     def wake_dispatcher(self) -> None:
         """One `maintenance.dispatch` message: the worker that takes it publishes the waiting tasks."""
         self.celery.send_task(DISPATCH)
@@ -97,6 +104,7 @@ class Broker:
 
     def stop(self) -> None:
         self.relay.stop()
+        self.celery.close()  # its producer pool
 
 
 class Relay:

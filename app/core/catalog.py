@@ -23,11 +23,12 @@ FORMATS = ("openai", "anthropic", "gemini", "local")
 IMAGE = "image"  # the API of image models; LLM models name the API formats of app.proxy.formats
 BUILTIN = Path(__file__).with_name("catalog_builtin.toml")
 
-_PROVIDER_KEYS = {"format", "base_url", "api_key", "api_key_env", "timeout"}
+_PROVIDER_KEYS = {"format", "base_url", "api_key", "api_keys", "api_key_env", "api_keys_env", "timeout"}
 _MODEL_KEYS = {
-    "name", "provider", "api", "apis", "upstream_model", "prices", "sizes", "resolutions",
+    "name", "provider", "channels", "api", "apis", "upstream_model", "prices", "sizes", "resolutions",
     "input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens", "description",
 }
+_CHANNEL_KEYS = {"provider", "upstream_model", "priority", "weight"}
 
 
 class CatalogError(Exception):
@@ -39,16 +40,37 @@ class Provider:
     name: str
     format: str
     base_url: str
-    api_key: str | None = field(default=None, repr=False)
+    # Its keys: calls rotate over them, and one refused (401, 403, 429) is cooled down like a channel.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     timeout: float | None = None
+
+    @property
+    def api_key(self) -> str | None:
+        """The first key (image backends use one key; the LLM passthrough rotates over all)."""
+        return self.api_keys[0] if self.api_keys else None
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One way to serve a model: a provider, and the model's name there. Tried in `priority`
+    order (lower first); among channels of one priority, in proportion to `weight`."""
+
+    provider: Provider
+    upstream_model: str
+    priority: int = 0
+    weight: int = 1
+
+    @property
+    def name(self) -> str:
+        """How records and operators name it: the provider, and the upstream model if it differs."""
+        return self.provider.name
 
 
 @dataclass(frozen=True)
 class Model:
     name: str
-    provider: Provider
+    channels: tuple[Channel, ...]  # at least one, in priority order
     apis: tuple[str, ...]  # the APIs it is offered on: ("image",), or one or more LLM API formats
-    upstream_model: str
     prices: Mapping[str, int] = field(default_factory=dict)  # image: resolution -> units per image
     sizes: tuple[str, ...] = SIZES
     resolutions: tuple[str, ...] = RESOLUTIONS
@@ -61,6 +83,15 @@ class Model:
     @property
     def is_image(self) -> bool:
         return self.apis == (IMAGE,)
+
+    @property
+    def provider(self) -> Provider:
+        """The first channel's provider (the one a single-channel model has)."""
+        return self.channels[0].provider
+
+    @property
+    def upstream_model(self) -> str:
+        return self.channels[0].upstream_model
 
     def allowed_sizes(self, resolution: str) -> tuple[str, ...]:
         if resolution == "4k":
@@ -116,16 +147,14 @@ def parse(text: str, environ: Mapping[str, str], *, source: str = "catalog", ski
         fmt = table.get("format")
         if fmt not in FORMATS:
             raise CatalogError(f"{where}: format must be one of {', '.join(FORMATS)}")
-        api_key = table.get("api_key")
-        if api_key is None and table.get("api_key_env"):
-            api_key = environ.get(table["api_key_env"]) or None
-        if fmt != "local" and not api_key and skip_keyless:
+        api_keys = _api_keys(table, environ, where)
+        if fmt != "local" and not api_keys and skip_keyless:
             continue
         base_url = str(table.get("base_url") or "").rstrip("/")
         if fmt != "local" and not base_url:
             raise CatalogError(f"{where}: base_url is required")
         timeout = table.get("timeout")
-        providers[name] = Provider(name, fmt, base_url, api_key, float(timeout) if timeout is not None else None)
+        providers[name] = Provider(name, fmt, base_url, api_keys, float(timeout) if timeout is not None else None)
 
     models: dict[str, Model] = {}
     for index, table in enumerate(data.get("models") or []):
@@ -136,20 +165,65 @@ def parse(text: str, environ: Mapping[str, str], *, source: str = "catalog", ski
             raise CatalogError(f"{where}: name is required")
         if name in models:
             raise CatalogError(f"{where}: model {name!r} is defined twice")
-        provider_name = table.get("provider")
-        provider = providers.get(provider_name)
-        if provider is None:
-            if skip_keyless:
-                continue
-            raise CatalogError(f"{where}: provider {provider_name!r} is not defined")
+        channels = _channels(table, providers, where, name, skip_keyless=skip_keyless)
+        if not channels:  # the built-in catalog: none of its providers has a key
+            continue
         apis = _apis(table, where)
-        common = dict(name=name, provider=provider, apis=apis, upstream_model=table.get("upstream_model") or name,
-                      description=str(table.get("description") or ""))
+        common = dict(name=name, channels=channels, apis=apis, description=str(table.get("description") or ""))
         if apis == (IMAGE,):
             models[name] = _image_model(table, where, common)
         else:
             models[name] = _llm_model(table, where, common)
     return Catalog(providers=providers, models=models)
+
+
+def _api_keys(table: dict, environ: Mapping[str, str], where: str) -> tuple[str, ...]:
+    """`api_key`, `api_keys`, `api_key_env` or `api_keys_env` (one of them): the keys that are set."""
+    given = [key for key in ("api_key", "api_keys", "api_key_env", "api_keys_env") if key in table]
+    if len(given) > 1:
+        raise CatalogError(f"{where}: give one of api_key, api_keys, api_key_env, api_keys_env, "
+                           f"not {' and '.join(given)}")
+    if not given:
+        return ()
+    value = table[given[0]]
+    values = value if given[0].startswith("api_keys") else [value]
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise CatalogError(f"{where}: {given[0]} must be " + ("a list of strings" if given[0].startswith("api_keys")
+                                                               else "a string"))
+    if given[0].endswith("_env"):
+        values = [environ.get(variable, "") for variable in values]
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
+def _channels(table: dict, providers: Mapping[str, Provider], where: str, name: str, *,
+              skip_keyless: bool) -> tuple[Channel, ...]:
+    """`provider = "..."` (one channel) or `[[models.channels]]` tables, in priority order.
+    With `skip_keyless` (the built-in catalog), channels of providers left out are dropped."""
+    if "provider" in table and "channels" in table:
+        raise CatalogError(f"{where}: give provider or channels, not both")
+    default_model = table.get("upstream_model") or name
+    raw = [{"provider": table["provider"]}] if "provider" in table else table.get("channels")
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"{where}: a model needs a provider, or channels ([[models.channels]] with a provider)")
+    channels = []
+    for index, entry in enumerate(raw):
+        at = f"{where}: channels[{index}]" if "channels" in table else where
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{at}: a channel is a table with a provider")
+        _check_keys(entry, _CHANNEL_KEYS, at)
+        provider_name = entry.get("provider")
+        provider = providers.get(provider_name) if isinstance(provider_name, str) else None
+        if provider is None:
+            if skip_keyless:
+                continue
+            raise CatalogError(f"{at}: provider {provider_name!r} is not defined")
+        priority, weight = entry.get("priority", 0), entry.get("weight", 1)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise CatalogError(f"{at}: priority must be a whole number (lower is tried first)")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+            raise CatalogError(f"{at}: weight must be a whole number of at least 1")
+        channels.append(Channel(provider, str(entry.get("upstream_model") or default_model), priority, weight))
+    return tuple(sorted(channels, key=lambda channel: channel.priority))
 
 
 def _apis(table: dict, where: str) -> tuple[str, ...]:

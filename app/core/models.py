@@ -257,6 +257,10 @@ class UsageRecord(Base):
     # True when the upstream's final usage never came (the client left before it, or the upstream
     # ended without it) and the call was charged from an estimate of what was streamed.
     usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The channel (provider) that answered, or was tried last, and how many were tried. For
+    # operators (failover): never shown to the account, never the provider's key.
+    channel: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     cost: Mapped[int] = mapped_column(Money, default=0)
     upstream_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)

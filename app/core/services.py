@@ -1,7 +1,7 @@
 """The web process's long-lived services, built once when the app starts (its lifespan).
 
 Handlers reach them through `services(request)` (or `of_scope(scope)` on the raw ASGI
-path), typed, instead of attributes spread over `app.state`. app.http.app builds them:
+path), typed, instead of attributes spread over `app.state`. app.http.lifespan builds them:
 settings and catalog, engines and pools, the key cache, the broker, the LLM passthrough's
 pools, holds and usage recorder, storage, and the dashboard's signer and sign-in limiter.
 
@@ -9,9 +9,9 @@ Database pools a web process opens, and why each:
 - `engine`: SQLAlchemy's async engine, for every request's reads and transactions;
 - `pg_pool` (PostgreSQL only): a psycopg pool for the submit, one statement with no
   SQLAlchemy machinery around it (the hot path; docs/performance.md);
-- `sync_engine`: a small sync engine for work run in a thread: the LLM hold pool's
-  top-ups and lease renewals (a thread hop per transaction, not per statement), and the
-  webhook wake-ups after a commit;
+- `sync_engine`: a small sync engine for the webhook wake-ups after a commit, run in a thread;
+- `llm.engine`: the LLM hold pool's own, for its top-ups and lease renewals (a thread hop per
+  transaction, not per statement), which nothing else may hold up;
 - the usage writer, a child process, opens one of its own (app.proxy.writer).
 """
 

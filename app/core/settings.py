@@ -57,6 +57,11 @@ class Settings:
     # When a client leaves an LLM call whose answer has begun, the gateway reads the upstream this
     # long more for its usage (the provider bills the generation); then it charges an estimate.
     usage_drain_seconds: float = 5.0
+    # Channels and failover (app.proxy.channels): channels one LLM call tries at most; failures in
+    # a row that cool a channel down, and the first cooldown (doubling while it keeps failing).
+    failover_attempts: int = 3
+    cooldown_failures: int = 3
+    cooldown_seconds: float = 30.0
     max_reference_bytes: int = 10 * 1024 * 1024
     # Signs dashboard session cookies. Unset: a random key kept in data_dir/secret_key
     # (shared by the processes on one machine); set it when web processes run on several hosts.
@@ -111,6 +116,9 @@ class Settings:
             allow_private_urls=_bool(env.get("MEDIAGATE_ALLOW_PRIVATE_URLS")),
             key_cache_seconds=float(env.get("MEDIAGATE_KEY_CACHE_SECONDS") or 5.0),
             usage_drain_seconds=float(env.get("MEDIAGATE_USAGE_DRAIN_SECONDS") or 5.0),
+            failover_attempts=max(1, int(env.get("MEDIAGATE_FAILOVER_ATTEMPTS") or 3)),
+            cooldown_failures=max(1, int(env.get("MEDIAGATE_COOLDOWN_FAILURES") or 3)),
+            cooldown_seconds=float(env.get("MEDIAGATE_COOLDOWN_SECONDS") or 30.0),
             secret_key=env.get("MEDIAGATE_SECRET_KEY") or None,
             https_proxy=env.get("HTTPS_PROXY") or env.get("https_proxy") or None,
             no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "",

@@ -1,7 +1,7 @@
 """What the dashboard reads and writes. Sync functions on a `Connection`; the caller owns the transaction.
 
 Balances change only through app.core.ledger, keys through app.core.keys, and usage records are
-read through app.proxy.records (the same pages and CSV as GET /v1/usage). This module
+read through app.proxy.history (the same pages and CSV as GET /v1/usage). This module
 reads the tables directly where no service function exists (spend by day, the task
 gallery with its webhook deliveries, the accounts list).
 """
@@ -19,7 +19,7 @@ from app.core import accounts, ledger, pagination
 from app.core import params as app_params
 from app.core.errors import APIError
 from app.core.models import Account, ApiKey, DashboardSession, ImageTask, UsageRecord, WebhookAttempt, WebhookDelivery
-from app.proxy import records
+from app.proxy import history
 
 CHART_DAYS = 30
 
@@ -96,11 +96,11 @@ def list_keys(conn: Connection, account_id: int) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-# -- usage (read through app.proxy.records) -------------------------------------------------------
+# -- usage (read through app.proxy.history) -------------------------------------------------------
 
-def usage_filters(params: Mapping[str, str], tz: ZoneInfo) -> tuple[records.Filters, dict]:
+def usage_filters(params: Mapping[str, str], tz: ZoneInfo) -> tuple[history.Filters, dict]:
     """The usage filter from query parameters `from`, `to` (days in the browser's zone, both
-    included), `model` and `key` (an id), for app.proxy.records (which also serves GET /v1/usage).
+    included), `model` and `key` (an id), for app.proxy.history (which also serves GET /v1/usage).
     Returns the filter and the cleaned values to show in the form."""
     form = {"from": "", "to": "", "model": "", "key": ""}
     since = until = None
@@ -119,7 +119,7 @@ def usage_filters(params: Mapping[str, str], tz: ZoneInfo) -> tuple[records.Filt
     if model is not None and not app_params.is_clean(model):
         model = None
     form["model"] = model or ""
-    return records.Filters(since=since, until=until, model=model, key_id=key_id), form
+    return history.Filters(since=since, until=until, model=model, key_id=key_id), form
 
 
 def decode_cursor(text: str | None) -> tuple[datetime, str] | None:
@@ -232,6 +232,6 @@ def overview(conn: Connection, account_id: int, tz: ZoneInfo, now: datetime) -> 
     """The overview page: spend by day and model, the latest requests and tasks."""
     return {
         "spend": spend(conn, account_id, tz, now),
-        "recent_usage": records.page(conn, account_id, records.Filters(), limit=8)[0],
+        "recent_usage": history.page(conn, account_id, history.Filters(), limit=8)[0],
         "recent_tasks": tasks_page(conn, account_id, limit=6)[0],
     }

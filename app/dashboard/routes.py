@@ -19,7 +19,7 @@ from app.core.models import utcnow
 from app.core.taskview import STATUSES as TASK_STATUSES
 from app.dashboard import charts, pricing, queries, sessions, thumbs
 from app.dashboard.web import Ctx, client_address, error_page, limiter, page, safe_next
-from app.proxy import records
+from app.proxy import history
 from app.proxy.formats import FORMATS
 from app.webhooks import service as webhooks
 
@@ -145,10 +145,10 @@ async def usage(ctx: Ctx) -> Response:
     await ctx.state.llm.written()
     async with ctx.state.engine.connect() as conn:
         try:
-            rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters, cursor=cursor)
+            rows, next_cursor = await conn.run_sync(history.page, ctx.account_id, filters, cursor=cursor)
         except APIError:  # a hand-edited cursor: start from the newest
             cursor = None
-            rows, next_cursor = await conn.run_sync(records.page, ctx.account_id, filters)
+            rows, next_cursor = await conn.run_sync(history.page, ctx.account_id, filters)
         key_rows = await conn.run_sync(queries.list_keys, ctx.account_id)
     models = sorted({m.name for m in ctx.state.catalog.of_api(*FORMATS)}
                     | ({form["model"]} if form["model"] else set()))
@@ -163,7 +163,7 @@ async def usage_csv(ctx: Ctx) -> Response:
     filters, _ = queries.usage_filters(ctx.request.query_params, ctx.tz)
     filename = f"mediagate-usage-{date.today().isoformat()}.csv"
     await ctx.state.llm.written()
-    return StreamingResponse(records.csv_pages(ctx.state.engine, ctx.account_id, filters),
+    return StreamingResponse(history.csv_pages(ctx.state.engine, ctx.account_id, filters),
                              media_type="text/csv; charset=utf-8",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 

@@ -17,8 +17,7 @@ from app.http.handlers import HANDLERS
 from app.http.lifespan import lifespan
 from app.images import routes as image_routes
 from app.proxy import routes as proxy_routes
-from app.proxy.formats import FORMATS
-from app.proxy.services import check
+from app.proxy.formats import FORMATS, check
 from app.webhooks import routes as webhook_routes
 
 

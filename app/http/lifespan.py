@@ -8,6 +8,8 @@ import gc
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from app import storage
@@ -18,6 +20,7 @@ from app.core.db import OutageLog, make_async_engine, make_engine, open_psycopg_
 from app.core.services import Services
 from app.core.settings import Settings
 from app.dashboard import sessions
+from app.proxy.channels import Cooldowns
 from app.proxy.services import LLMServices
 
 # Last-used times of API keys are written in a batch this often.
@@ -54,19 +57,40 @@ def _tuned_gc() -> Iterator[None]:
 
 
 async def start(settings: Settings, catalog: Catalog) -> Services:
-    engine = make_async_engine(settings.database_url, pool_size=settings.db_pool_size)
-    sync_engine = make_engine(settings.database_url, pool_size=2)
-    broker = Broker(settings)
-    broker.start()
-    llm = LLMServices(sync_engine, settings.database_url, catalog, https_proxy=settings.https_proxy,
-                     no_proxy=settings.no_proxy, drain_seconds=settings.usage_drain_seconds)
+    """The services, started; should any part fail to start, what was started is stopped again."""
+    async with contextlib.AsyncExitStack() as undo:
+        engine = make_async_engine(settings.database_url, pool_size=settings.db_pool_size)
+        undo.push_async_callback(engine.dispose)
+        sync_engine = make_engine(settings.database_url, pool_size=2)
+        undo.callback(sync_engine.dispose)
+        broker = Broker(settings)
+        broker.start()
+        undo.callback(broker.stop)
+        found = await _build(settings, catalog, engine, sync_engine, broker)
+        undo.pop_all()
+        return found
+    raise AssertionError("unreachable")  # pragma: no cover - the stack re-raises what failed
+
+
+async def _build(settings: Settings, catalog: Catalog, engine: AsyncEngine, sync_engine: Engine,
+                 broker: Broker) -> Services:
+    llm = LLMServices(settings.database_url, catalog, https_proxy=settings.https_proxy,
+                     no_proxy=settings.no_proxy, drain_seconds=settings.usage_drain_seconds,
+                     failover_attempts=settings.failover_attempts,
+                     cooldowns=Cooldowns(failures=settings.cooldown_failures, seconds=settings.cooldown_seconds))
     found = Services(
         settings=settings, catalog=catalog, engine=engine, sync_engine=sync_engine,
         pg_pool=await open_psycopg_pool(settings.database_url, settings.db_pool_size),
         auth=auth.Authenticator(engine, settings.key_cache_seconds), broker=broker, llm=llm,
         storage=storage.from_settings(settings), outage=OutageLog(),
         signer=sessions.Signer(sessions.secret_key(settings)), limiter=sessions.LoginLimiter())
-    await llm.start()
+    try:
+        await llm.start()
+    except BaseException:
+        await llm.stop()
+        if found.pg_pool is not None:
+            await found.pg_pool.close()
+        raise
     return found
 
 

@@ -141,7 +141,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # Connection
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
         cap = self.limits.max_connections
         if cap > 0 and len(self.connections) >= cap:
             if _lingering[0] >= self.limits.max_lingering:

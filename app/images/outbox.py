@@ -11,15 +11,15 @@ publish sits on a request's critical path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import ColumnElement, Connection, Engine, or_, select, update
 
+from app.core.broker import Publish
 from app.core.models import ImageTask, utcnow
 
 log = logging.getLogger(__name__)
-Publish = Callable[[list[str]], None]
 BATCH = 500
 
 

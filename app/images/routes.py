@@ -126,7 +126,7 @@ async def create_generation(request: Request) -> JSONResponse:
             f"Your balance is too low for {parsed.model.name} at {parsed.resolution}. Top up and try again."
         ) from None
     if not replayed:
-        state.broker.relay.wake()  # after the commit: the relay hands the task to a worker
+        state.broker.wake()  # after the commit: a worker is woken to take the task
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait}"

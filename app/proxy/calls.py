@@ -12,13 +12,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope
 
 from app.core import money, params
 from app.core.auth import Principal, key_from_headers
-from app.core.catalog import Model
+from app.core.catalog import Channel, Model
 from app.core.errors import APIError, insufficient_balance, invalid
 from app.core.models import time_ordered_id, utcnow
 from app.core.services import Services
@@ -39,15 +40,26 @@ class Call:
     model: Model
     principal: Principal
     stream: bool
-    url: str
-    headers: dict[str, str]
-    body: bytes
+    body: bytes  # as it goes upstream, but for the model's name on a channel that renames it
     held: int  # nano-dollars reserved until the call is settled
+    client_headers: dict[str, str] = field(default_factory=dict)  # lower-case names, as the client sent them
+    query: list[tuple[str, str]] = field(default_factory=list)
+    parsed: dict[str, Any] = field(default_factory=dict)
+    version: str = "v1beta"  # Gemini's API version, from the route
+    method: str = ""  # Gemini's method
     input_estimate: int = 0  # the input tokens the hold assumed (one per byte of body)
     strip_usage: bool = False  # the gateway added include_usage: hide the usage chunk
-    sse: bool = True  # Gemini streams without ?alt=sse are a JSON array
     created_at: datetime = field(default_factory=utcnow)
     started: float = 0.0  # perf_counter at arrival
+
+    def request(self, channel: Channel, key: str) -> tuple[str, dict[str, str], bytes]:
+        """The URL, headers and body of this call sent through `channel` with `key`."""
+        body = self.body
+        if channel.upstream_model != self.model.name and not self.format.model_in_path:
+            body = _with_model(body, self.parsed, self.model.name, channel.upstream_model, self.strip_usage)
+        url = upstream.url(channel.provider, self.format, Target(channel.upstream_model, self.version, self.method),
+                           self.query)
+        return url, upstream.request_headers(self.client_headers, channel.provider, key), body
 
 
 class ClientGone(Exception):
@@ -97,18 +109,15 @@ async def prepare(scope: Scope, receive: Receive, state: Services, format_: Form
         include_usage = flag(options, "include_usage", "stream_options.include_usage") if options else False
         if stream and not include_usage:
             body, strip_usage = _with_include_usage(body, parsed), True
-    if model.upstream_model != name and not google:
-        body = _with_model(body, parsed, name, model.upstream_model, strip_usage)
 
     limit = model.max_output_tokens
     output = min(max_output, limit) if max_output and limit else (max_output or limit or DEFAULT_MAX_OUTPUT)
     # Input is estimated at one token per byte of body: a token is at least a byte of text.
     held = estimate(model, len(body), output)
     call = Call(
-        id=time_ordered_id("req_"), format=format_, model=model, principal=principal, stream=stream,
-        url=upstream.url(model.provider, format_, Target(model.upstream_model, version, gemini_method), query),
-        headers=upstream.request_headers(client, model.provider), body=body, held=held, input_estimate=len(body),
-        strip_usage=strip_usage, sse=not google or _param(query, "alt") == "sse",
+        id=time_ordered_id("req_"), format=format_, model=model, principal=principal, stream=stream, body=body,
+        held=held, client_headers=client, query=query, parsed=parsed, version=version, method=gemini_method,
+        input_estimate=len(body), strip_usage=strip_usage,
         created_at=utcnow(), started=started,
     )
     if held and not await state.llm.holds.take(principal.account_id, held):

@@ -174,7 +174,7 @@ class Pool:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing() and \
                     now - conn.idle_since < self.keepalive:
-                conn._reset()
+                conn.reset()
                 return conn
             conn.close()
         return None

@@ -47,9 +47,10 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.used = False  # has answered before: a failure with no byte back may be a stale close
         self.in_use = False
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Ready for the next exchange: a fresh parser and answer."""
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []

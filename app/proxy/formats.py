@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from app.core.catalog import Catalog, CatalogError
 from app.core.errors import ANTHROPIC, API_PREFIX, OPENAI, invalid
 from app.core.errors import GEMINI as GEMINI_FAMILY
 from app.proxy import meters
@@ -246,3 +247,19 @@ def stream_meter(format_: Format, *, sse: bool) -> meters.Meter:
     if not sse and format_.array_meter is not None:
         return format_.array_meter()
     return format_.meter()
+
+
+def check(catalog: Catalog, formats: Mapping[str, Format] = FORMATS) -> None:
+    """Each LLM model's api must be a format this gateway serves, of every channel's provider's format."""
+    for model in catalog.models.values():
+        if model.is_image:
+            continue
+        for api in model.apis:
+            format_ = formats.get(api)
+            if format_ is None:
+                raise CatalogError(f"model {model.name!r}: api {api!r} is not one of image, {', '.join(formats)}")
+            for channel in model.channels:
+                if channel.provider.format != format_.provider_format:
+                    raise CatalogError(f"model {model.name!r}: api {api!r} needs a provider of format "
+                                       f"{format_.provider_format!r}, but {channel.provider.name!r} is "
+                                       f"{channel.provider.format!r}")

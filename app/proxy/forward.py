@@ -18,9 +18,11 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from app.core.catalog import Channel
 from app.core.errors import APIError
 from app.proxy import upstream
 from app.proxy.calls import Call
+from app.proxy.channels import FAILOVER_STATUSES, KEY_REFUSED, retry_after
 from app.proxy.client import Response, UpstreamError
 from app.proxy.formats import read_answer, stream_meter
 from app.proxy.meters import ChatStripMeter, Meter
@@ -52,6 +54,8 @@ class ProxyResponse:
         self._task: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self.channel: Channel | None = None  # the channel that answered (or was tried last)
+        self.attempts = 0  # channels tried
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = self._task = asyncio.current_task()
@@ -105,12 +109,58 @@ class ProxyResponse:
         except OSError:
             self._client_left()
 
+    async def _answer(self) -> Response:
+        """The upstream's answer, from the first channel that gives one: a channel that can't be
+        reached, says nothing before its head, or answers a FAILOVER_STATUSES status is left for
+        the next (at most `failover_attempts` tries); a provider that refuses one of several keys
+        is tried again with the next. Nothing has been sent to the client yet, so moving on costs
+        it nothing; the last try's answer, whatever it is, goes back as is. Raises the last
+        connection error when no channel answered at all."""
+        call, llm = self.call, self.llm
+        cooldowns = llm.cooldowns
+        order = cooldowns.order(call.model.channels)
+        place = 0
+        refused: dict[str, int] = {}  # the keys of each provider refused in this call
+        for number in range(1, llm.failover_attempts + 1):
+            channel = order[place]
+            provider = channel.provider
+            key = cooldowns.key_for(provider)
+            url, headers, body = call.request(channel, key)
+            self.channel, self.attempts = channel, number
+            cooldowns.attempt(channel)
+            try:
+                response = await llm.pool(provider).post(url, headers, body)
+            except (UpstreamError, TimeoutError, OSError) as exc:
+                cooldowns.failed(channel, type(exc).__name__)
+                log.warning("upstream %s for %s failed before answering (try %d): %r", channel.name, call.id,
+                            number, exc)
+                place += 1
+                if place >= len(order) or number == llm.failover_attempts:
+                    raise
+                continue
+            status = response.status
+            if status not in FAILOVER_STATUSES:
+                cooldowns.succeeded(channel)
+                return response
+            wait = retry_after(response.header(b"retry-after"))
+            refused[provider.name] = refused.get(provider.name, 0) + (status in KEY_REFUSED)
+            if status in KEY_REFUSED and refused[provider.name] < len(provider.api_keys):
+                # One of several keys refused: the provider's next key, on the same channel.
+                cooldowns.key_refused(provider, key, f"HTTP {status}", wait)
+            else:
+                cooldowns.failed(channel, f"HTTP {status}", wait)
+                place += 1
+            if place >= len(order) or number == llm.failover_attempts:
+                return response
+            log.warning("upstream %s for %s answered %d (try %d); trying again", channel.name, call.id, status, number)
+            response.close()
+        raise AssertionError("the loop returns or raises")  # pragma: no cover
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
-        pool = self.llm.pool(call.model.provider)
         response = None
         try:
-            response = await pool.post(call.url, call.headers, call.body)
+            response = await self._answer()
             self.answered = True
             self.status = response.status
             headers = upstream.response_headers(response.raw_headers, call.id)
@@ -130,7 +180,6 @@ class ProxyResponse:
                 return
             # Nothing was sent yet: answer with the gateway's own error, in the client's format.
             timed_out = isinstance(exc, TimeoutError)
-            log.warning("upstream %s for %s failed before answering: %r", call.model.provider.name, call.id, exc)
             self.status = None
             error = APIError(504 if timed_out else 502,
                              "The upstream provider " + ("did not answer in time" if timed_out else
@@ -190,7 +239,8 @@ class ProxyResponse:
         except UpstreamError as exc:
             # The upstream broke off mid-stream. Charge what it reported so far, and end the
             # client's response the same way (without its last chunk), so its SDK raises too.
-            log.warning("upstream %s broke off the stream of %s: %r", call.model.provider.name, call.id, exc)
+            log.warning("upstream %s broke off the stream of %s: %r", self.channel.name if self.channel else "?",
+                        call.id, exc)
             return
         finally:
             # Also on a disconnect (cancellation): what was metered so far is what is charged.
@@ -231,5 +281,6 @@ class ProxyResponse:
             upstream_status=self.status, latency_ms=round((ended - call.started) * 1000),
             ttfb_ms=round((self.ttfb - call.started) * 1000) if self.ttfb is not None else None,
             client_disconnected=self.disconnected, created_at=call.created_at, held=held,
-            usage_estimated=guessed, owner=self.llm.holds.owner,
+            usage_estimated=guessed, channel=self.channel.name if self.channel else None, attempts=self.attempts,
+            owner=self.llm.holds.owner,
         ))

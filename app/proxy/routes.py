@@ -19,7 +19,7 @@ from app.core.auth import require
 from app.core.catalog import Model
 from app.core.errors import API_PREFIX, APIError, answer_unexpected
 from app.core.services import of_scope, services
-from app.proxy import calls, models_list, records
+from app.proxy import calls, history, models_list
 from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, Format
 from app.proxy.forward import ProxyResponse
 
@@ -139,19 +139,19 @@ async def usage(request: Request) -> Response:
     """GET /v1/usage: the key's account's records, newest first; `?format=csv` streams them all."""
     principal = await require(request)
     query = request.query_params
-    filters = records.parse_filters(query)
-    limit = records.parse_limit(query.get("limit"))
+    filters = history.parse_filters(query)
+    limit = history.parse_limit(query.get("limit"))
     engine = services(request).engine
     await services(request).llm.written()  # a script that calls and then lists sees its call
     if query.get("format") == "csv":
         cursor = query.get("cursor")
         if cursor:
             pagination.decode_cursor(cursor)  # a bad cursor is a 400 now, not a broken download later
-        return StreamingResponse(records.csv_pages(engine, principal.account_id, filters, cursor),
+        return StreamingResponse(history.csv_pages(engine, principal.account_id, filters, cursor),
                                  media_type="text/csv",
                                  headers={"content-disposition": 'attachment; filename="usage.csv"'})
     async with engine.connect() as conn:
-        rows, next_cursor = await conn.run_sync(records.page, principal.account_id, filters,
+        rows, next_cursor = await conn.run_sync(history.page, principal.account_id, filters,
                                                 cursor=query.get("cursor"), limit=limit)
     return JSONResponse({"object": "list", "data": rows, "has_more": next_cursor is not None,
                          "next_cursor": next_cursor})

@@ -8,14 +8,12 @@ pools are app.proxy.client's, chosen by measurement over aiohttp's and httpx's c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from sqlalchemy import Engine
-
-from app.core.catalog import Catalog, CatalogError, Provider
+from app.core.catalog import Catalog, Provider
+from app.core.db import make_engine
+from app.proxy.channels import Cooldowns
 from app.proxy.client import Pool
 from app.proxy.egress import proxy_for
-from app.proxy.formats import FORMATS, Format
+from app.proxy.formats import FORMATS
 from app.proxy.holds import HoldPool
 from app.proxy.recorder import UsageRecorder
 from app.proxy.writer import ProcessWriter
@@ -32,8 +30,7 @@ def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict
     """A connection pool for each provider of an LLM model, by provider name. No cookies are
     kept or sent: a pool serves every account's calls."""
     pools: dict[str, Pool] = {}
-    for model in catalog.of_api(*FORMATS):
-        provider = model.provider
+    for provider in (channel.provider for model in catalog.of_api(*FORMATS) for channel in model.channels):
         if provider.name not in pools:
             pools[provider.name] = Pool(
                 provider.base_url, connect_timeout=CONNECT_TIMEOUT, read_timeout=provider.timeout or READ_TIMEOUT,
@@ -41,31 +38,21 @@ def make_pools(catalog: Catalog, https_proxy: str | None, no_proxy: str) -> dict
     return pools
 
 
-def check(catalog: Catalog, formats: Mapping[str, Format] = FORMATS) -> None:
-    """Each LLM model's api must be a format this gateway serves, of its provider's format."""
-    for model in catalog.models.values():
-        if model.is_image:
-            continue
-        for api in model.apis:
-            format_ = formats.get(api)
-            if format_ is None:
-                raise CatalogError(f"model {model.name!r}: api {api!r} is not one of image, {', '.join(formats)}")
-            if model.provider.format != format_.provider_format:
-                raise CatalogError(f"model {model.name!r}: api {api!r} needs a provider of format "
-                                   f"{format_.provider_format!r}, but {model.provider.name!r} is "
-                                   f"{model.provider.format!r}")
-
-
 class LLMServices:
-    def __init__(self, engine: Engine, database_url: str, catalog: Catalog, *, https_proxy: str | None = None,
-                 no_proxy: str = "", drain_seconds: float = 5.0):
+    def __init__(self, database_url: str, catalog: Catalog, *, https_proxy: str | None = None,
+                 no_proxy: str = "", drain_seconds: float = 5.0, failover_attempts: int = 3,
+                 cooldowns: Cooldowns | None = None):
         self.catalog = catalog
+        # How many of a model's channels a call tries, and which are cooling down (app.proxy.channels).
+        self.failover_attempts = failover_attempts
+        self.cooldowns = cooldowns or Cooldowns()
         # How long a call whose client left is read on for the upstream's usage (Settings).
         self.drain_seconds = drain_seconds
         self.https_proxy, self.no_proxy = https_proxy, no_proxy
-        # Hold top-ups and renewals run as sync transactions in a worker thread: one thread
-        # hop per transaction instead of one per statement (the web process's sync engine).
-        self.engine = engine
+        # Hold top-ups and renewals run as sync transactions in a worker thread: one thread hop per
+        # transaction instead of one per statement. A pool of their own: nothing else may hold up
+        # a renewal (a lease lost gives the holds back) or a top-up (calls wait on it).
+        self.engine = make_engine(database_url, pool_size=2)
         # Settlements and usage records are written by a child process (app.proxy.writer).
         self.recorder = UsageRecorder(ProcessWriter(database_url))
         self.holds = HoldPool(self.engine, self.recorder)
@@ -91,3 +78,4 @@ class LLMServices:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self.engine.dispose()

@@ -47,6 +47,8 @@ class Entry:
     created_at: datetime
     held: int  # of this process's hold row: what to release there (0 if its lease was lost)
     usage_estimated: bool = False  # charged from an estimate: the upstream's final usage never came
+    channel: str | None = None  # the channel that answered (or was tried last): operators' to see
+    attempts: int = 1  # channels tried
     owner: str = ""  # the hold row's owner (the hold pool's, when the call ended)
 
 

@@ -38,12 +38,12 @@ def url(provider: Provider, format_: Format, target: Target, query: Sequence[tup
     return f"{path}?{urlencode(params)}" if params else path
 
 
-def request_headers(client: dict[str, str], provider: Provider) -> dict[str, str]:
-    """The client's headers (lower-case names) as they go upstream, with the provider's credentials."""
+def request_headers(client: dict[str, str], provider: Provider, key: str) -> dict[str, str]:
+    """The client's headers (lower-case names) as they go upstream, with the provider's `key`."""
     headers = {name: value for name, value in client.items() if name not in _DROP_REQUEST}
     # Identity: the bytes the client gets are the bytes the meter reads.
     headers["accept-encoding"] = "identity"
-    PROVIDER_AUTH[provider.format](headers, provider.api_key or "")
+    PROVIDER_AUTH[provider.format](headers, key)
     return headers
 
 

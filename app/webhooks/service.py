@@ -127,6 +127,8 @@ def take_due(conn: Connection, *, limit: int = 500, stale_after: float | None = 
         # moment ago (PostgreSQL keeps a row locked by an UPDATE whose condition failed on
         # recheck until that transaction ends), and skipping would lose the wake-up until the sweep.
         stmt = stmt.with_for_update(skip_locked=task_id is None)
+        if task_id is not None:  # ... for a moment: a lock held longer is the sweep's to work around
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
     return list(conn.execute(stmt).scalars())
 
 

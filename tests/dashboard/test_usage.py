@@ -14,7 +14,7 @@ from sqlalchemy import select
 from app.core import keys, money
 from app.core.models import ApiKey, UsageRecord
 from app.dashboard import queries
-from app.proxy import records
+from app.proxy import history
 from tests.dashboard.conftest import add_task, add_usage
 
 NOW = datetime.now(UTC)
@@ -29,8 +29,8 @@ def _csv(response) -> list[dict]:
     assert response.headers["content-type"].startswith("text/csv")
     assert response.headers["content-disposition"].startswith('attachment; filename="mediagate-usage-')
     reader = csv.reader(io.StringIO(response.text))
-    assert next(reader) == list(records.COLUMNS)
-    return [dict(zip(records.COLUMNS, row, strict=True)) for row in reader]
+    assert next(reader) == list(history.COLUMNS)
+    return [dict(zip(history.COLUMNS, row, strict=True)) for row in reader]
 
 
 def _second_key(engine, account_id: int) -> tuple[int, int]:
@@ -122,7 +122,7 @@ def test_csv_streams_in_pages(web, signed_in, engine, settings):
     async def chunks() -> list[str]:
         async_engine = make_async_engine(settings.database_url, pool_size=1)
         try:
-            return [c async for c in records.csv_pages(async_engine, signed_in.id, records.Filters(), batch=1000)]
+            return [c async for c in history.csv_pages(async_engine, signed_in.id, history.Filters(), batch=1000)]
         finally:
             await async_engine.dispose()
 

@@ -18,6 +18,10 @@ body, so tests running side by side don't step on each other:
     [nousage]             Chat Completions: report no usage (a whole answer without `usage`, a stream without its chunk)
     [tag:NAME]            keep the exact bytes sent under NAME (see `sent`, `opened`, `closed`)
 
+A provider whose base URL starts with `/fail/{how}` fails every call that way, whatever the
+body says: `{how}` is a status (`500`, `503`, `529`, `401`, `400`, ...), `429ra` (a 429 with
+`Retry-After: 30`), or `stall` (no answer until the client leaves). `failures[how]` counts them.
+
 A request without a field its provider requires (chat: model and messages; Responses: model;
 Messages: model, messages and max_tokens; Gemini: contents) gets the provider's 400.
 """
@@ -283,6 +287,7 @@ class FakeLLMUpstream:
         self.opened = Events()
         self.closed = Events()
         self.in_flight = 0
+        self.failures: dict[str, int] = {}  # the `/fail/{how}` calls, by how
 
     def last(self, path_part: str) -> dict:
         return next(c for c in reversed(self.calls) if path_part in c["path"])
@@ -313,6 +318,10 @@ class FakeLLMUpstream:
             self.in_flight -= 1
 
     async def _answer(self, path, query, headers, body, receive, send):
+        if path.startswith("/fail/"):
+            how, _, rest = path[len("/fail/"):].partition("/")
+            self.failures[how] = self.failures.get(how, 0) + 1
+            return await self._fail(how, "/" + rest, receive, send)
         fmt = "anthropic" if path.startswith("/anthropic") else "gemini" if path.startswith("/gemini") else "openai"
         given = headers.get("x-api-key") if fmt == "anthropic" else (
             headers.get("x-goog-api-key") if fmt == "gemini" else headers.get("authorization"))
@@ -356,6 +365,16 @@ class FakeLLMUpstream:
             return await self._whole(send, fmt, 200, messages_body(p, model), p)
         events = messages_events(p, model)
         return await self._stream(send, receive, fmt, events, p, offset=3, final=len(events) - 2)
+
+    async def _fail(self, how: str, path: str, receive, send):
+        fmt = "anthropic" if path.startswith("/anthropic") else "gemini" if path.startswith("/gemini") else "openai"
+        if how == "stall":
+            await self._client_left(receive, 30)
+            return
+        status = 429 if how == "429ra" else int(how)
+        headers = [(b"content-type", b"application/json"), *([(b"retry-after", b"30")] if how == "429ra" else [])]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": error_body(fmt, status, f"fake failure {how}")})
 
     @staticmethod
     async def _client_left(receive, seconds: float) -> bool:

@@ -167,7 +167,7 @@ output_per_mtok = "1"
     ('["completions"]', "api 'completions' is not one of image, chat"),
 ])
 def test_an_api_its_provider_cannot_serve_stops_startup(apis, error):
-    from app.proxy.services import check
+    from app.proxy.formats import check
 
     catalog = parse(f'''
 [providers.p]

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from app.core import money
-from app.core.catalog import Model, Provider
+from app.core.catalog import Channel, Model, Provider
 from app.proxy.formats import CHAT, FORMATS, GEMINI, MESSAGES, RESPONSES, read_answer, stream_meter
 from app.proxy.meters import ChatStripMeter
 from app.proxy.pricing import Usage, cost, estimate, estimated
@@ -41,7 +41,7 @@ PROVIDER = Provider("p", "openai", "http://x")
 
 
 def model(input_usd: str, output_usd: str, cached_usd: str | None = None) -> Model:
-    return Model(name="m", provider=PROVIDER, apis=("chat",), upstream_model="m",
+    return Model(name="m", channels=(Channel(PROVIDER, "m"),), apis=("chat",),
                  input_per_mtok=money.from_usd(input_usd), output_per_mtok=money.from_usd(output_usd),
                  cached_input_per_mtok=money.from_usd(cached_usd) if cached_usd else None)
 

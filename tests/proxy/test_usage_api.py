@@ -12,7 +12,7 @@ from sqlalchemy import insert
 
 from app.core import keys
 from app.core.models import UsageRecord
-from app.proxy.records import COLUMNS
+from app.proxy.history import COLUMNS
 from tests.proxy.conftest import usage_rows
 
 START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

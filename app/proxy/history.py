@@ -1,4 +1,5 @@
-"""Reading usage records: an account's, newest first, filtered, by cursor pages, as JSON rows or CSV.
+"""The usage history: an account's records of LLM calls, newest first, filtered, by cursor pages,
+as JSON rows or CSV.
 
 Sync functions on a `Connection`; the routes (and the dashboard) run them.
 """

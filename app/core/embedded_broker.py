@@ -5,7 +5,7 @@ polling the folder can take a file before its content is written and lose the
 message (seen here: 127 of 200 wake-ups lost with a busy worker). This one writes
 to a hidden temporary name and renames it into the queue (atomic on POSIX), and
 claims a message by renaming it within the same folder before reading it.
-Registered as the `mediagate-fs://` transport by workers.celery_app.
+Registered as the `mediagate-fs://` transport by app.core.broker.
 """
 
 from __future__ import annotations
