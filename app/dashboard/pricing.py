@@ -9,8 +9,6 @@ from app.core.catalog import Catalog, Model
 from app.core.errors import API_PREFIX
 from app.proxy.formats import FORMATS as LLM_FORMATS
 
-# Examples of the models each format serves, as the hosted docs give them.
-EXAMPLES = {"chat": "GPT-4o, Qwen, DeepSeek, GLM", "responses": "GPT-5.x", "messages": "Claude", "gemini": "Gemini"}
 IMAGES = ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image models", API_PREFIX + "/v1",
           "POST /v1/images/generations, GET /v1/tasks/{task_id}")
 
@@ -18,7 +16,7 @@ IMAGES = ("image", "Images (asynchronous tasks)", "gpt-image-2, Gemini image mod
 def formats() -> list[tuple[str, str, str, str, str]]:
     """(api, label, examples, base path clients configure, endpoint(s) they call): the LLM API
     formats of app.proxy.formats, then the image API."""
-    return [*((f.api, f.label, EXAMPLES.get(f.api, ""), f.base_path, f.endpoint) for f in LLM_FORMATS.values()),
+    return [*((f.api, f.label, f.examples, f.base_path, f.endpoint) for f in LLM_FORMATS.values()),
             IMAGES]
 
 

@@ -24,7 +24,7 @@ from app.core.errors import APIError, insufficient_balance, invalid
 from app.core.models import time_ordered_id, utcnow
 from app.core.services import Services
 from app.proxy import upstream
-from app.proxy.formats import GEMINI_METHODS, Format, Target, flag
+from app.proxy.formats import Format, Target, flag
 from app.proxy.pricing import estimate
 
 MAX_BODY = 32 * 1024 * 1024
@@ -88,7 +88,7 @@ async def prepare(scope: Scope, receive: Receive, state: Services, format_: Form
     if google:
         name, _, gemini_method = target.rpartition(":")
         name = name.removeprefix("models/")
-        if gemini_method not in GEMINI_METHODS:
+        if gemini_method not in format_.methods:
             raise APIError(404, f"Method {gemini_method!r} is not offered for Gemini models here.", code="not_found")
     else:
         named = parsed.get("model")

@@ -71,6 +71,8 @@ class Cooldowns:
     def order(self, channels: Sequence[Channel]) -> list[Channel]:
         """The channels to try, best first: by priority, weighted at random within one, without
         those cooling down (or being probed); if that leaves none, the one free soonest."""
+        if len(channels) == 1:  # most models: no order to choose, and no choice when it cools
+            return list(channels)
         ranked: list[Channel] = []
         for _, group in itertools.groupby(channels, key=lambda channel: channel.priority):
             ranked += self._weighted(list(group))
@@ -81,6 +83,8 @@ class Cooldowns:
         return sorted(ranked, key=lambda channel: self._state(channel_key(channel)).until)[:1]
 
     def _weighted(self, group: list[Channel]) -> list[Channel]:
+        if len(group) == 1:
+            return group
         order = []
         while group:
             pick = self.rng.choices(range(len(group)), weights=[channel.weight for channel in group])[0]

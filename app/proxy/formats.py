@@ -171,18 +171,24 @@ class Format:
     not_found: Callable[[str, str], str] = _openai_not_found  # (model, version) -> the 404's message
     # Gemini: the model and method come in the path after these prefixes, each with its API version.
     path_prefixes: tuple[tuple[str, str], ...] = ()
-    # Chat Completions: a stream reports usage only if asked; the gateway asks, and hides the answer.
-    asks_for_usage: bool = False
+    # Chat Completions: a stream reports usage only if asked; the gateway asks, and this meter
+    # meters the usage chunk and takes it out of what the client gets.
+    strip_meter: Callable[[], meters.ChatStripMeter] | None = None
     # Dashboard: what clients configure as their base URL, and the endpoints they call.
     base_path: str = API_PREFIX + "/v1"
     endpoint: str = ""
     examples: str = ""
     array_meter: Callable[[], meters.Meter] | None = None  # Gemini: its stream without alt=sse
+    methods: tuple[str, ...] = ()  # Gemini: the methods after `{model}:` it serves
     stream_method: str = ""  # Gemini: the method that streams (others say so in the body)
 
     @property
     def model_in_path(self) -> bool:
         return bool(self.path_prefixes)
+
+    @property
+    def asks_for_usage(self) -> bool:
+        return self.strip_meter is not None
 
     def streams(self, body: Mapping, method: str) -> bool:
         """Whether the client asked for a stream."""
@@ -197,21 +203,22 @@ FORMATS: dict[str, Format] = {format_.api: format_ for format_ in (
         upstream_path=lambda target: "/chat/completions", max_output=_chat_max_output,
         usage_field="usage", normalize=_chat_usage, meter=meters.ChatMeter,
         body_text=frozenset({"content", "reasoning_content", "reasoning", "refusal", "arguments"}),
-        asks_for_usage=True, base_path=API_PREFIX + "/v1", endpoint="POST /v1/chat/completions"),
+        strip_meter=meters.ChatStripMeter, base_path=API_PREFIX + "/v1", endpoint="POST /v1/chat/completions",
+        examples="GPT-4o, Qwen, DeepSeek, GLM"),
     Format(
         api=RESPONSES, label="OpenAI Responses", family=OPENAI, provider_format="openai",
         paths=("/v1/responses", "/api.openai.com/v1/responses"),
         upstream_path=lambda target: "/responses", max_output=_responses_max_output,
         usage_field="usage", normalize=_responses_usage, meter=meters.ResponsesMeter,
         body_text=frozenset({"text", "arguments"}),
-        base_path=API_PREFIX + "/api.openai.com/v1", endpoint="POST /v1/responses"),
+        base_path=API_PREFIX + "/api.openai.com/v1", endpoint="POST /v1/responses", examples="GPT-5.x"),
     Format(
         api=MESSAGES, label="Anthropic Messages", family=ANTHROPIC, provider_format="anthropic",
         paths=("/v1/messages", "/anthropic/v1/messages"),
         upstream_path=lambda target: "/v1/messages", max_output=_messages_max_output,
         usage_field="usage", normalize=_messages_usage, meter=meters.MessagesMeter,
         body_text=frozenset({"text", "thinking"}), not_found=lambda name, version: f"model: {name}",
-        base_path=API_PREFIX + "/anthropic", endpoint="POST /v1/messages"),
+        base_path=API_PREFIX + "/anthropic", endpoint="POST /v1/messages", examples="Claude"),
     Format(
         api=GEMINI, label="Gemini", family=GEMINI_FAMILY, provider_format="gemini", paths=(),
         path_prefixes=(("/v1beta/models/", "v1beta"), ("/v1/models/", "v1")),
@@ -220,10 +227,10 @@ FORMATS: dict[str, Format] = {format_.api: format_ for format_ in (
         meter=meters.GeminiSSEMeter, array_meter=meters.GeminiArrayMeter, body_text=frozenset({"text"}),
         not_found=lambda name, version: (f"models/{name} is not found for API version {version}, "
                                          "or is not offered by this gateway."),
-        stream_method="streamGenerateContent", base_path=API_PREFIX,
+        methods=("generateContent", "streamGenerateContent"), stream_method="streamGenerateContent",
+        base_path=API_PREFIX, examples="Gemini",
         endpoint="POST /v1beta/models/{model}:generateContent, :streamGenerateContent"),
 )}
-GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 
 
 def read_answer(format_: Format, body: bytes) -> tuple[dict | None, int]:

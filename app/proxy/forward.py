@@ -25,7 +25,7 @@ from app.proxy.calls import Call
 from app.proxy.channels import FAILOVER_STATUSES, KEY_REFUSED, retry_after
 from app.proxy.client import Response, UpstreamError
 from app.proxy.formats import read_answer, stream_meter
-from app.proxy.meters import ChatStripMeter, Meter
+from app.proxy.meters import Meter
 from app.proxy.pricing import Usage, cost, estimated
 from app.proxy.recorder import Entry
 from app.proxy.services import LLMServices
@@ -213,7 +213,8 @@ class ProxyResponse:
     async def _stream(self, response: Response, headers: list[tuple[bytes, bytes]], send: Send, sse: bool) -> None:
         call = self.call
         # The gateway asked for the usage chunk: it meters it and hides it from the client.
-        stripper = ChatStripMeter() if call.strip_usage and sse else None
+        strip = call.format.strip_meter
+        stripper = strip() if strip is not None and call.strip_usage and sse else None
         meter: Meter = stripper if stripper is not None else stream_meter(call.format, sse=sse)
         self.streamed = True
         self.started = True
