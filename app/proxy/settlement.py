@@ -46,10 +46,10 @@ class Entry:
     client_disconnected: bool
     created_at: datetime
     held: int  # of this process's hold row: what to release there (0 if its lease was lost)
+    owner: str  # the hold row's owner (the hold pool's, when the call ended): required, or it settles none
     usage_estimated: bool = False  # charged from an estimate: the upstream's final usage never came
     channel: str | None = None  # the channel that answered (or was tried last): operators' to see
     attempts: int = 1  # channels tried
-    owner: str = ""  # the hold row's owner (the hold pool's, when the call ended)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Release:
 
     account_id: int
     held: int
-    owner: str = ""
+    owner: str  # the hold row it comes from
 
 
 def write(conn: Connection, items: list, batch_id: str | None = None) -> bool:
