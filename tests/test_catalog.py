@@ -61,3 +61,11 @@ def test_builtin_catalog_offers_local_and_only_providers_with_keys():
 def test_missing_catalog_file_is_named(tmp_path):
     with pytest.raises(CatalogError, match="nothere.toml"):
         catalog.load(tmp_path / "nothere.toml", {})
+
+
+def test_the_built_in_catalog_offers_gpt5_on_chat_and_responses():
+    from app.core.catalog import load
+
+    catalog = load(None, {"OPENAI_API_KEY": "sk-x"})
+    assert catalog.get("gpt-5.4", "chat") is not None and catalog.get("gpt-5.4", "responses") is not None
+    assert catalog.get("gpt-5.4", "chat").provider.api_keys == ("sk-x",)
