@@ -147,6 +147,21 @@ def test_usage(client, rich, limit, since, until, model, key, cursor, format_):
 
 
 @PROPERTY
+@given(model_id=url_text)
+@example(model_id="\x00")
+@example(model_id="models/../../gpt-4o")
+def test_one_model(client, rich, model_id):
+    path = quote(model_id, safe="")  # (a client would resolve "../" itself: keep it in the id)
+    anthropic = {"x-api-key": rich.key, "anthropic-version": "2023-06-01"}
+    for url, headers, family in ((f"/v1/models/{path}", rich.headers, "openai"),
+                                 (f"/api.openai.com/v1/models/{path}", rich.headers, "openai"),
+                                 (f"/v1/models/{path}", anthropic, "anthropic"),
+                                 (f"/anthropic/v1/models/{path}", anthropic, "anthropic"),
+                                 (f"/v1beta/models/{path}", {"x-goog-api-key": rich.key}, "gemini")):
+        assert_no_5xx(client.get(url, headers=headers), family)
+
+
+@PROPERTY
 @given(limit=url_text, after=url_text, before=url_text, size=url_text, token=url_text)
 @example(limit="²", after="", before="", size="²", token="²")
 def test_model_lists(client, rich, limit, after, before, size, token):

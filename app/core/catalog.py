@@ -62,7 +62,7 @@ class Channel:
 
     @property
     def name(self) -> str:
-        """How records and operators name it: the provider, and the upstream model if it differs."""
+        """How records and operators name it: its provider (the cooldown key adds the upstream model)."""
         return self.provider.name
 
 

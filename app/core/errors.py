@@ -119,11 +119,12 @@ def family_for(path: str, headers: Mapping[str, str] | None = None, query: str =
         path = path[len(API_PREFIX):]
     if path.startswith("/anthropic") or path.startswith("/v1/messages"):
         return ANTHROPIC
-    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
+    if path.startswith("/v1beta/"):
         return GEMINI
-    if (path == "/v1/models" or path.startswith("/v1/models/")) and headers is not None:
-        if "anthropic-version" in headers:
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        # Shared by every family: the client's own headers say whose (a model id may hold a colon).
+        if headers is not None and "anthropic-version" in headers:
             return ANTHROPIC
-        if "x-goog-api-key" in headers or parse_qs(query).get("key"):
+        if ":" in path or (headers is not None and "x-goog-api-key" in headers) or parse_qs(query).get("key"):
             return GEMINI
     return OPENAI
