@@ -30,6 +30,9 @@ from app.core.catalog import Channel, Provider
 FAILOVER_STATUSES = frozenset({401, 403, 408, 429, 500, 502, 503, 504, 529})
 KEY_REFUSED = frozenset({401, 403, 429})
 MAX_COOLDOWN = 600.0
+# A probe that has not ended after this long (its call was cancelled, its client left) no longer
+# keeps the channel from other calls.
+PROBE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -38,6 +41,7 @@ class _State:
     until: float = 0.0  # cooling down until (the clock's time); 0: not cooling
     strikes: int = 0  # cooldowns in a row: each doubles the next
     probing: bool = False  # its cooldown ended and one call is trying it
+    probe_at: float = 0.0  # when that call began
     calls: int = 0
     errors: int = 0
     last_error: str = ""
@@ -66,7 +70,7 @@ class Cooldowns:
 
     def _open(self, key: str, now: float) -> bool:
         state = self._states.get(key)
-        return state is None or (state.until <= now and not state.probing)
+        return state is None or (state.until <= now and not (state.probing and now - state.probe_at < PROBE_TIMEOUT))
 
     def order(self, channels: Sequence[Channel]) -> list[Channel]:
         """The channels to try, best first: by priority, weighted at random within one, without
@@ -95,8 +99,9 @@ class Cooldowns:
         """A call is about to try `channel`: if its cooldown has ended, this call is the probe."""
         state = self._state(channel_key(channel))
         state.calls += 1
-        if state.until and state.until <= self.clock():
-            state.probing = True
+        now = self.clock()
+        if state.until and state.until <= now:
+            state.probing, state.probe_at = True, now
 
     def succeeded(self, channel: Channel) -> None:
         state = self._state(channel_key(channel))

@@ -236,6 +236,9 @@ def test_cooldowns_order_rotate_and_probe():
     now[0] += 11
     cooldowns.attempt(a)  # a's cooldown has ended: this call probes it ...
     assert "a" not in [ch.provider.name for ch in cooldowns.order([a, b, c])]  # ... and the others skip it
+    now[0] += 61  # a probe whose call never ended (cancelled) does not keep the channel away for ever
+    assert "a" in [ch.provider.name for ch in cooldowns.order([a, b, c])]
     cooldowns.succeeded(a)
     assert cooldowns.order([a, b, c])[0].provider.name in ("a", "b")
+    cooldowns.failed(c, "x", retry_after=100)
     assert cooldowns.health([a])[0]["state"] == "ok" and cooldowns.health([c])[0]["state"] == "cooling_down"
